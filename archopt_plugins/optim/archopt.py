@@ -1,0 +1,185 @@
+"""``ArchOpt``: a ``torch.optim.Optimizer`` that runs a Plan.
+
+Follows torch.optim's conventions so schedulers, checkpointing and the stacks treat it like any
+optimizer: one param group per (rule, hyperparameters) with ``lr`` that LR schedulers drive,
+``param_names`` in every group, state created lazily at a parameter's first step (FSDP2 swaps
+params for DTensors after construction), ``step`` stored as a tensor, ``state_dict()`` in torch's
+integer-keyed format so ``torch.distributed.checkpoint`` can re-key it by FQN.
+
+Safety: non-finite gradients are caught before any state changes (``nonfinite="skip"`` skips the
+whole step and counts it, ``"raise"`` raises naming the parameter); ``load_state_dict`` refuses a
+checkpoint of another rule, parameter set or shape, naming the first mismatching parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..planner.plan import Plan, PlanEntry, make_plan
+from ..planner.rules import GLOBAL_HPARAMS, get_rule
+from ..roles.types import ParamStructure
+from .executor import Job, LocalExecutor, RuleBatch
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds NaN or Inf and the optimizer was built with ``nonfinite="raise"``."""
+
+
+_GROUP_META = ("params", "param_names", "rule", "initial_lr", "skipped_steps") + tuple(GLOBAL_HPARAMS)
+
+
+def _groups_from_plan(plan: Plan, tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """One group per distinct (rule, hyperparameters), in order of first appearance."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for entry in plan.entries:
+        key = (entry.rule, tuple(sorted(entry.hparams.items())))
+        group = groups.get(key)
+        if group is None:
+            group = {"params": [], "param_names": [], "rule": entry.rule, **entry.hparams, **plan.options,
+                     "skipped_steps": 0}
+            groups[key] = group
+        group["params"].append(tensors[entry.fqn])
+        group["param_names"].append(entry.fqn)
+    return list(groups.values())
+
+
+class ArchOpt(torch.optim.Optimizer):
+    """Architecture-aware optimizer: each parameter runs the rule its role was planned for.
+
+    ``ArchOpt(model, "muon", lr=0.02, ...)`` plans and builds in one call (``model`` is an
+    ``nn.Module``, ``(name, param)`` pairs, or params / param groups); ``ArchOpt.from_plan``
+    takes a plan you built and edited yourself. ``optimizer.plan.summary()`` prints the plan.
+    """
+
+    def __init__(self, model: Any, name: str = "muon", **hparams: Any) -> None:
+        plan, tensors = make_plan(model, name, **hparams)
+        self._init_from_plan(plan, tensors)
+
+    @classmethod
+    def from_plan(cls, plan: Plan, tensors: dict[str, torch.Tensor]) -> "ArchOpt":
+        missing = [e.fqn for e in plan.entries if e.fqn not in tensors]
+        if missing:
+            raise ValueError(f"no tensor given for planned parameter {missing[0]!r} ({len(missing)} missing)")
+        self = cls.__new__(cls)
+        self._init_from_plan(plan, tensors)
+        return self
+
+    def _init_from_plan(self, plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
+        self.plan = plan
+        self._entries: dict[str, PlanEntry] = {e.fqn: e for e in plan.entries}
+        self.executor = LocalExecutor()
+        super().__init__(_groups_from_plan(plan, tensors), defaults={})
+
+    # -- groups ---------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Groups come from the plan; a group added later must name its ``rule`` (others are defaulted)."""
+        if "rule" not in param_group:
+            raise ValueError("ArchOpt param groups need a 'rule' key (one of "
+                             f"{sorted(r for r in ('muon', 'adamw'))}); build the optimizer from the model "
+                             "so the plan assigns rules, or add {'params': [...], 'rule': 'adamw'}")
+        rule = get_rule(param_group["rule"], "add_param_group")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        names = list(param_group.get("param_names") or
+                     [f"added{len(self.param_groups)}.param{i}" for i in range(len(params))])
+        given = {k: v for k, v in param_group.items() if k not in _GROUP_META}
+        hparams = rule.convert({**rule.defaults(), **given}, f"param group of rule {rule.name!r}")
+        group = {"params": params, "param_names": names, "rule": rule.name, **hparams,
+                 **{k: param_group.get(k, h.default) for k, h in GLOBAL_HPARAMS.items()},
+                 "skipped_steps": param_group.get("skipped_steps", 0)}
+        for name, p in zip(names, params):
+            if name not in self._entries:
+                if p.ndim < rule.min_ndim:
+                    raise ValueError(f"parameter {name!r}: rule {rule.name!r} needs >= {rule.min_ndim} "
+                                     f"dimensions, got shape {tuple(p.shape)}")
+                self._entries[name] = PlanEntry(name, tuple(p.shape), "hidden" if p.ndim >= 2 else "vector",
+                                                rule.name, dict(hparams), False, ParamStructure())
+        super().add_param_group(group)
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps ``nonfinite="skip"`` has skipped."""
+        return max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)
+
+    # -- step -----------------------------------------------------------------------------------
+    def _nonfinite(self) -> tuple[str, dict[str, Any]] | None:
+        """(fqn, group) of the first parameter with a NaN/Inf gradient, or None."""
+        pairs = [(name, g, p.grad) for g in self.param_groups for name, p in zip(g["param_names"], g["params"])
+                 if p.grad is not None]
+        if not pairs:
+            return None
+        norms = torch._foreach_norm([grad for _, _, grad in pairs], float("inf"))
+        finite = torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite()
+        if bool(finite.all()):
+            return None
+        first = int((~finite).nonzero()[0])
+        return pairs[first][0], pairs[first][1]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        bad = self._nonfinite()
+        if bad is not None:
+            fqn, group = bad
+            if group["nonfinite"] == "raise":
+                raise NonFiniteGradientError(
+                    f"parameter {fqn!r} has a non-finite gradient (NaN or Inf); no state was changed. "
+                    "Lower the learning rate or use loss scaling, or pass nonfinite='skip' to skip such steps")
+            for g in self.param_groups:
+                g["skipped_steps"] = g.get("skipped_steps", 0) + 1
+            return loss
+
+        batches = []
+        for group in self.param_groups:
+            rule = get_rule(group["rule"])
+            hp = {k: group[k] for k in rule.hparams}
+            jobs = []
+            for name, p in zip(group["param_names"], group["params"]):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state.update(rule.kernel.init_state(p, hp))
+                state["step"] += 1
+                if p.grad.is_sparse:
+                    raise ValueError(f"parameter {name!r}: sparse gradients are not supported")
+                jobs.append(Job(name, p, p.grad, state, hp, self._entries[name].structure))
+            if jobs:
+                batches.append(RuleBatch(rule, jobs))
+        self.executor.run(batches)
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint after checking it belongs to this plan (same rules, names, shapes)."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}: it was saved from another plan "
+                             f"(groups here: {[g['rule'] for g in self.param_groups]})")
+        for saved, group in zip(saved_groups, self.param_groups):
+            names = saved.get("param_names")
+            if names is not None and list(names) != list(group["param_names"]):
+                for i, (a, b) in enumerate(zip(names, group["param_names"])):
+                    if a != b:
+                        raise ValueError(f"checkpoint parameter {a!r} is at the place of {b!r} here: "
+                                         "it was saved from another parameter set or plan")
+                raise ValueError(f"checkpoint group of rule {saved.get('rule')!r} has {len(names)} parameters, "
+                                 f"this one {len(group['param_names'])} (first: {group['param_names'][0]!r})")
+            first = group["param_names"][0]
+            if saved.get("rule") != group["rule"]:
+                raise ValueError(f"parameter {first!r}: checkpoint has rule {saved.get('rule')!r}, "
+                                 f"this optimizer {group['rule']!r}")
+            for index, name, p in zip(saved["params"], group["param_names"], group["params"]):
+                for key, value in state_dict.get("state", {}).get(index, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
+                        raise ValueError(f"parameter {name!r}: checkpoint state {key!r} has shape "
+                                         f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+        super().load_state_dict(state_dict)

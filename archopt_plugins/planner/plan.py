@@ -1,0 +1,153 @@
+"""roles + name + hyperparameters → Plan: one frozen entry (rule and hyperparameters) per parameter.
+
+Resolution of one parameter's hyperparameters, lowest precedence first:
+
+1. the rule's defaults (``rules.py``), then the name's defaults for it (AdamW beside Muon);
+2. the user's keywords routed to that rule (``lr`` → the name's rule, ``adamw_lr`` → AdamW …);
+3. role defaults (norms and biases: no weight decay);
+4. a param group's own keys (when params came as groups);
+5. overrides by role, then by FQN glob.
+
+Every trainable parameter gets exactly one entry. Errors name the parameter and list valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from ..roles import RoleMap, detect_roles
+from ..roles.types import ROLES, SOURCE_NOTE, ParamStructure
+from .names import ROLE_DEFAULTS, OptimizerName, get_name
+from .overrides import resolve_overrides
+from .rules import GLOBAL_HPARAMS, get_rule
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    fqn: str
+    shape: tuple[int, ...]
+    role: str
+    rule: str
+    hparams: Mapping[str, Any]
+    scale_invariant: bool = False
+    structure: ParamStructure = field(default_factory=ParamStructure)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    entries: tuple[PlanEntry, ...]
+    source: str
+    options: Mapping[str, Any]  # optimizer-wide options (nonfinite, comm_dtype)
+
+    def entry(self, fqn: str) -> PlanEntry:
+        for e in self.entries:
+            if e.fqn == fqn or fqn in e.aliases:
+                return e
+        raise KeyError(f"no plan entry for parameter {fqn!r}")
+
+    def rules(self) -> list[str]:
+        return sorted({e.rule for e in self.entries})
+
+    @property
+    def source_note(self) -> str:
+        return SOURCE_NOTE[self.source]
+
+    def summary(self, collapse_layers: bool = True) -> str:
+        from .summary import render_summary
+
+        return render_summary(self, collapse_layers=collapse_layers)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _split_keywords(opt: OptimizerName, hparams: Mapping[str, Any]) -> tuple[dict, dict[str, dict]]:
+    """User keywords → (global options, {rule: {hparam: value}}); unknown keywords raise."""
+    options: dict[str, Any] = {}
+    per_rule: dict[str, dict[str, Any]] = {}
+    for key, value in hparams.items():
+        target = opt.route(key)
+        if target is None:
+            raise ValueError(f"unknown hyperparameter {key!r} for optimizer {opt.name!r}; "
+                             f"valid: {opt.valid_keywords()}")
+        rule, name = target
+        if rule == "*":
+            try:
+                options[name] = GLOBAL_HPARAMS[name].resolve(name, value)
+            except ValueError as err:
+                raise ValueError(f"optimizer {opt.name!r}: {err}") from None
+        else:
+            per_rule.setdefault(rule, {})[name] = value
+    for key, spec in GLOBAL_HPARAMS.items():
+        options.setdefault(key, spec.default)
+    return options, per_rule
+
+
+def build_plan(roles: RoleMap, name: str = "muon", **hparams: Any) -> Plan:
+    opt = get_name(name)
+    overrides = hparams.pop("overrides", None)
+    options, user = _split_keywords(opt, hparams)
+    for rule, values in user.items():  # convert once so a bad value fails before per-parameter work
+        get_rule(rule).convert(values, f"optimizer {name!r}")
+    resolved = resolve_overrides(overrides, roles.params)
+
+    entries = []
+    rules_seen: dict[tuple[str, str], set[str]] = {}
+    used: set[tuple[str, str]] = set()
+    for p in roles.params:
+        where = f"parameter {p.fqn!r} (role {p.role!r})"
+        if p.role not in ROLES:
+            raise ValueError(f"{where}: unknown role; valid roles: {list(ROLES)}")
+        over = resolved[p.fqn]
+        group_opts = dict(p.group_options)
+        rule_name = over.rule or group_opts.pop("rule", None) or opt.rule_for(p.role, p.param.ndim)
+        rule = get_rule(rule_name, where)
+        if p.param.ndim < rule.min_ndim:
+            raise ValueError(f"{where}: rule {rule_name!r} needs a tensor of >= {rule.min_ndim} dimensions, "
+                             f"got shape {tuple(p.param.shape)}; route it to 'adamw' with an override")
+        values = rule.defaults()
+        values.update(opt.rule_defaults(rule_name))
+        values.update(user.get(rule_name, {}))
+        values.update({k: v for k, v in ROLE_DEFAULTS.get(p.role, {}).items() if k in rule.hparams})
+        group_opts = {k: v for k, v in group_opts.items() if k not in GLOBAL_HPARAMS}
+        values.update(group_opts)
+        for key, value in over.values.items():
+            # A glob may span rules ("layers.1.*" covers Muon matrices and AdamW norms): each key
+            # applies where the parameter's rule has it, and must apply somewhere (checked below).
+            origin = (over.sources[key], key)
+            rules_seen.setdefault(origin, set()).add(rule_name)
+            if key in rule.hparams:
+                values[key] = value
+                used.add(origin)
+        converted = rule.convert(values, where)
+        entries.append(PlanEntry(
+            fqn=p.fqn, shape=tuple(p.param.shape), role=p.role, rule=rule_name,
+            hparams=MappingProxyType(converted), scale_invariant=False, structure=p.structure,
+            aliases=p.aliases,
+        ))
+    for (source, key), rule_names in rules_seen.items():
+        if (source, key) not in used:
+            valid = sorted({k for r in rule_names for k in get_rule(r).hparams})
+            raise ValueError(f"override {source!r}: hyperparameter {key!r} applies to none of the parameters it "
+                             f"matches (their rules: {sorted(rule_names)}); valid for them: {valid}")
+    return Plan(name=name, entries=tuple(entries), source=roles.source, options=MappingProxyType(options))
+
+
+def make_plan(model: Any, name: str = "muon", **hparams: Any) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Plan plus the FQN → tensor map the optimizer needs (the plan itself holds no tensors)."""
+    roles = detect_roles(model)
+    plan = build_plan(roles, name, **hparams)
+    return plan, {p.fqn: p.param for p in roles.params}

@@ -1,0 +1,96 @@
+"""``Plan.summary()``: the plan as a table a person reads before a long run.
+
+One row per parameter (or per run of layers that differ only in their layer index, shown as
+``layers.{0..31}``), its shape, role, rule, the hyperparameters that differ between rows, and the
+matrix structure; then a total per rule with parameter counts and optimizer-state bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .plan import Plan, PlanEntry
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+_SHOWN = ("lr", "weight_decay", "momentum", "betas", "lr_scaling", "ns_coefficients", "ns_steps")
+# fp32 bytes of optimizer state per parameter element, by rule.
+STATE_BYTES_PER_ELEMENT = {"muon": 4, "adamw": 8}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "(" + ",".join(_fmt(v) for v in value) + ")"
+    return str(value)
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}T"
+
+
+def _row_key(e: PlanEntry) -> tuple:
+    return (_INDEX.sub("#", e.fqn), e.shape, e.role, e.rule, tuple(sorted(e.hparams.items())), e.structure)
+
+
+def _collapse(entries: tuple[PlanEntry, ...]) -> list[tuple[str, list[PlanEntry]]]:
+    """Group entries equal up to their layer indices; keep first-appearance order."""
+    groups: dict[tuple, list[PlanEntry]] = {}
+    for e in entries:
+        groups.setdefault(_row_key(e), []).append(e)
+    rows = []
+    for members in groups.values():
+        first = members[0]
+        if len(members) == 1:
+            rows.append((first.fqn, members))
+            continue
+        indices = [tuple(int(x) for x in _INDEX.findall(m.fqn)) for m in members]
+        varying = [i for i in range(len(indices[0])) if len({ix[i] for ix in indices}) > 1]
+        parts = _INDEX.split(first.fqn)
+        label = parts[0]
+        for i, part in enumerate(parts[1:]):
+            values = sorted({ix[i] for ix in indices})
+            if i in varying:
+                contiguous = values == list(range(values[0], values[-1] + 1))
+                label += f"{{{values[0]}..{values[-1]}}}" if contiguous else "{" + ",".join(map(str, values)) + "}"
+            else:
+                label += str(values[0])
+            label += part
+        rows.append((label, members))
+    return rows
+
+
+def render_summary(plan: Plan, collapse_layers: bool = True) -> str:
+    rows = _collapse(plan.entries) if collapse_layers else [(e.fqn, [e]) for e in plan.entries]
+    shown_keys = [k for k in _SHOWN if any(k in e.hparams for e in plan.entries)]
+    table = [["parameter", "shape", "role", "rule", *shown_keys, "structure"]]
+    for label, members in rows:
+        e = members[0]
+        name = label if not e.aliases else f"{label} (= {', '.join(e.aliases)})"
+        count = f" x{len(members)}" if len(members) > 1 else ""
+        cells = [name, "x".join(map(str, e.shape)) + count, e.role, e.rule]
+        cells += [_fmt(e.hparams[k]) if k in e.hparams else "-" for k in shown_keys]
+        cells.append(e.structure.describe() or "-")
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+
+    total = sum(e.numel for e in plan.entries)
+    header = (f"ArchOpt plan {plan.name!r}: {len(plan.entries)} tensors, {_human(total)} parameters; "
+              f"{plan.source_note}")
+    footer = []
+    for rule in plan.rules():
+        members = [e for e in plan.entries if e.rule == rule]
+        numel = sum(e.numel for e in members)
+        state = numel * STATE_BYTES_PER_ELEMENT.get(rule, 0)
+        footer.append(f"  {rule:8s} {len(members):4d} tensors  {_human(numel):>7s} params "
+                      f"({100 * numel / max(total, 1):.1f}%)  state {_human(state)}B (fp32)")
+    opts = ", ".join(f"{k}={_fmt(v)}" for k, v in plan.options.items())
+    return "\n".join([header, *lines, "totals:", *footer, f"options: {opts}"])

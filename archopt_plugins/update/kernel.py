@@ -1,0 +1,100 @@
+"""The interface between a rule's math and whatever executes it (one process, or the sharding engine).
+
+A rule declares what its update needs from the parameter's pieces (DESIGN.md, "What a rule needs
+from the shards"):
+
+* ``elementwise`` — runs on any shard as it is (AdamW, Lion, momentum);
+* ``whole_matrix`` — needs each complete matrix (Newton–Schulz, Shampoo factors).
+
+A whole-matrix rule is written as three phases so the executor can move data between them:
+``prepare`` runs on the local piece (momentum), ``transform`` runs on complete matrices batched by
+shape (wherever they are gathered), ``apply`` runs on the local piece again (weight decay and the
+scaled update). Elementwise rules have a single ``step`` over lists of tensors.
+
+Kernels hold no state of their own: per-parameter state lives in the optimizer's ``state`` dict and
+is passed in. Hyperparameters arrive already validated (``planner.rules``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Literal
+
+import torch
+
+Needs = Literal["elementwise", "reductions", "whole_matrix"]
+HParams = dict[str, Any]
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "float64": torch.float64}
+
+
+def resolve_dtype(value: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` is bfloat16 on CUDA (tensor cores) and float32 elsewhere (CPU bf16 matmul is slow)."""
+    if value == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPE_NAMES[value]
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Optimizer state is float32 for low-precision parameters (bf16 moments drift), else the param's dtype."""
+    return param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def zeros_state(param: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+
+
+class Kernel(ABC):
+    needs: Needs
+
+    @abstractmethod
+    def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
+        """Fresh per-parameter state (created lazily at the parameter's first step)."""
+
+
+class ElementwiseKernel(Kernel):
+    needs: Needs = "elementwise"
+
+    @abstractmethod
+    def step(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+             states: list[dict[str, torch.Tensor]], hp: HParams) -> None:
+        """Update ``params`` in place from ``grads``; all share the hyperparameters ``hp``."""
+
+
+class MatrixKernel(Kernel):
+    needs: Needs = "whole_matrix"
+    transform_keys: tuple[str, ...] = ()  # hyperparameters ``transform`` reads (batches must agree on them)
+
+    @abstractmethod
+    def prepare(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+                hp: HParams) -> torch.Tensor:
+        """Elementwise work on the local piece; returns the tensor whose matrices ``transform`` needs."""
+
+    @abstractmethod
+    def transform(self, matrices: torch.Tensor, hp: HParams) -> torch.Tensor:
+        """Whole-matrix work on a batch [B, fan_out, fan_in] of complete matrices of one shape."""
+
+    @abstractmethod
+    def apply(self, param: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],
+              hp: HParams, fan_out: int, fan_in: int) -> None:
+        """Elementwise: write the transformed update into the local piece of ``param``."""
+
+
+def add_scaled_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, scale: float) -> None:
+    """param ← (1 − lr·wd)·param − lr·scale·update, in float32 when the parameter is low precision.
+
+    Decoupled weight decay uses the unscaled ``lr`` (as torch.optim.Muon and AdamW do). At lr = 0
+    this leaves the parameter bit-identical, which torch.distributed.checkpoint relies on when it
+    initialises optimizer state by a zero-lr step.
+    """
+    if param.dtype in (torch.float32, torch.float64):
+        if weight_decay != 0.0:
+            param.mul_(1.0 - lr * weight_decay)
+        param.add_(update.to(param.dtype), alpha=-lr * scale)
+        return
+    work = param.float()
+    if weight_decay != 0.0:
+        work.mul_(1.0 - lr * weight_decay)
+    work.add_(update.float(), alpha=-lr * scale)
+    param.copy_(work)

@@ -1,0 +1,1 @@
+"""Adapter for accelerate (thin: host objects in, archopt_plugins calls out)."""

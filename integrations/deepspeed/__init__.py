@@ -1,0 +1,1 @@
+"""Adapter for deepspeed (thin: host objects in, archopt_plugins calls out)."""

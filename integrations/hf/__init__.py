@@ -1,0 +1,1 @@
+"""Adapter for hf (thin: host objects in, archopt_plugins calls out)."""

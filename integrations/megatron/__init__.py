@@ -1,0 +1,1 @@
+"""Adapter for megatron (thin: host objects in, archopt_plugins calls out)."""
