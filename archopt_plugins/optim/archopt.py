@@ -177,9 +177,10 @@ class ArchOpt(torch.optim.Optimizer):
             if saved.get("rule") != group["rule"]:
                 raise ValueError(f"parameter {first!r}: checkpoint has rule {saved.get('rule')!r}, "
                                  f"this optimizer {group['rule']!r}")
+            local_keys = get_rule(group["rule"]).kernel.local_state_keys
             for index, name, p in zip(saved["params"], group["param_names"], group["params"]):
                 for key, value in state_dict.get("state", {}).get(index, {}).items():
-                    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != p.shape:
+                    if key in local_keys and isinstance(value, torch.Tensor) and value.shape != p.shape:
                         raise ValueError(f"parameter {name!r}: checkpoint state {key!r} has shape "
                                          f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
         super().load_state_dict(state_dict)

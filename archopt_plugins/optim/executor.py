@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..planner.rules import RuleSpec
-from ..update.kernel import ElementwiseKernel, MatrixKernel
+from ..update.kernel import ElementwiseKernel, MatrixBatch, MatrixKernel, Segment
 from ..update.matrix_view import from_matrices, matrix_shape, to_matrices
 from ..roles.types import ParamStructure
 
@@ -81,13 +81,13 @@ class LocalExecutor:
         results: list[torch.Tensor | None] = [None] * len(prepared)
         for indices in buckets.values():
             batch, job, _ = prepared[indices[0]]
-            stacked = torch.cat([views[i] for i in indices], dim=0) if len(indices) > 1 else views[indices[0]]
-            out = batch.rule.kernel.transform(stacked, job.hp)
-            offset = 0
-            for i in indices:
-                count = views[i].shape[0]
-                results[i] = out[offset:offset + count]
-                offset += count
+            data = torch.cat([views[i] for i in indices], dim=0) if len(indices) > 1 else views[indices[0]]
+            # In one process the parameter's own state doubles as its owner state.
+            segments = [Segment(prepared[i][1].fqn, views[i].shape[0], prepared[i][1].state,
+                                int(prepared[i][1].state["step"])) for i in indices]
+            matrix_batch = MatrixBatch(data, segments)
+            for i, piece in zip(indices, matrix_batch.split(batch.rule.kernel.transform(matrix_batch, job.hp))):
+                results[i] = piece
         # apply: elementwise, per parameter, with the per-matrix shape for lr scaling
         for (batch, job, tensor), out in zip(prepared, results):
             _, fan_out, fan_in = matrix_shape(job.param.shape, job.structure)

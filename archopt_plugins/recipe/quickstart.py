@@ -15,11 +15,12 @@ from pathlib import Path
 from .data import load_stdlib_corpus
 from .training import History, ModelConfig, TrainConfig, build_llama, train
 
-# Both runs share the schedule (warmup + cosine); the peak LRs are each optimizer's usual setting
-# for a model this small (AdamW's was the best of 1e-3, 3e-3, 6e-3 in a 300-step probe here).
+# Both runs share the schedule (warmup + cosine). AdamW's peak LR is the best of 1e-3, 3e-3 and
+# 6e-3 in a 300-step probe of this exact setup (validation 1.98, 2.12, 2.24); Muon's lr 0.02 beat
+# 0.04 there (1.54 vs 1.59). The recipes pipeline's convergence benchmark tunes AdamW on a grid.
 DEFAULT_RUNS = {
     "archopt muon": ("muon", {"lr": 0.02, "adamw_lr": 3e-3, "weight_decay": 0.0}),
-    "adamw": ("adamw", {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.0}),
+    "adamw": ("adamw", {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0}),
 }
 
 

@@ -40,6 +40,8 @@ def adamw_foreach_(
 
 
 class AdamWKernel(ElementwiseKernel):
+    local_state_keys = ("exp_avg", "exp_avg_sq")
+
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
         return {"exp_avg": zeros_state(param), "exp_avg_sq": zeros_state(param)}
 

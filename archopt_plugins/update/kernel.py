@@ -18,6 +18,7 @@ is passed in. Hyperparameters arrive already validated (``planner.rules``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -47,6 +48,8 @@ def zeros_state(param: torch.Tensor) -> torch.Tensor:
 
 class Kernel(ABC):
     needs: Needs
+    # State keys created by ``init_state``: tensors shaped like the parameter (or its local piece).
+    local_state_keys: tuple[str, ...] = ()
 
     @abstractmethod
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
@@ -62,7 +65,36 @@ class ElementwiseKernel(Kernel):
         """Update ``params`` in place from ``grads``; all share the hyperparameters ``hp``."""
 
 
+@dataclass
+class Segment:
+    """One parameter's share of a :class:`MatrixBatch`."""
+
+    fqn: str
+    count: int  # consecutive matrices of the batch that belong to this parameter
+    owner_state: dict[str, torch.Tensor]  # state kept with the whole matrix (e.g. Shampoo factors)
+    step: int  # the parameter's step count, 1 at its first step
+
+
+@dataclass
+class MatrixBatch:
+    """Complete matrices of one shape [N, fan_out, fan_in] from one or more parameters, in segment order."""
+
+    data: torch.Tensor
+    segments: list[Segment]
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """``t`` (leading dim N) cut into one piece per segment."""
+        return list(torch.split(t, [s.count for s in self.segments], dim=0))
+
+
 class MatrixKernel(Kernel):
+    """A rule whose update needs complete matrices; ``reductions`` rules use it too (exact, gathered).
+
+    ``owner_state`` holds whatever lives with the complete matrix ([count, ...]-shaped tensors the
+    kernel creates lazily in ``transform``); the executor keeps it wherever ``transform`` runs —
+    in the parameter's state in one process, on the owner rank when sharded.
+    """
+
     needs: Needs = "whole_matrix"
     transform_keys: tuple[str, ...] = ()  # hyperparameters ``transform`` reads (batches must agree on them)
 
@@ -72,8 +104,8 @@ class MatrixKernel(Kernel):
         """Elementwise work on the local piece; returns the tensor whose matrices ``transform`` needs."""
 
     @abstractmethod
-    def transform(self, matrices: torch.Tensor, hp: HParams) -> torch.Tensor:
-        """Whole-matrix work on a batch [B, fan_out, fan_in] of complete matrices of one shape."""
+    def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
+        """Whole-matrix work on complete matrices of one shape; returns [N, fan_out, fan_in]."""
 
     @abstractmethod
     def apply(self, param: torch.Tensor, update: torch.Tensor, state: dict[str, torch.Tensor],

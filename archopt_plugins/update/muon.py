@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .kernel import HParams, MatrixKernel, add_scaled_, resolve_dtype, zeros_state
+from .kernel import HParams, MatrixBatch, MatrixKernel, add_scaled_, resolve_dtype, zeros_state
 from .newton_schulz import newton_schulz, newton_schulz_reference
 
 LR_SCALINGS = ("shape", "spectral", "match_adamw")
@@ -48,6 +48,7 @@ def momentum_direction_(buf: torch.Tensor, grad: torch.Tensor, momentum: float, 
 
 class MuonKernel(MatrixKernel):
     transform_keys = ("ns_steps", "ns_coefficients", "compute_dtype")
+    local_state_keys = ("momentum_buffer",)
 
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
         return {"momentum_buffer": zeros_state(param)}
@@ -55,9 +56,9 @@ class MuonKernel(MatrixKernel):
     def prepare(self, param, grad, state, hp):
         return momentum_direction_(state["momentum_buffer"], grad, hp["momentum"], hp["nesterov"])
 
-    def transform(self, matrices: torch.Tensor, hp: HParams) -> torch.Tensor:
-        dtype = resolve_dtype(hp["compute_dtype"], matrices.device)
-        return newton_schulz(matrices, hp["ns_steps"], hp["ns_coefficients"], dtype)
+    def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
+        dtype = resolve_dtype(hp["compute_dtype"], batch.data.device)
+        return newton_schulz(batch.data, hp["ns_steps"], hp["ns_coefficients"], dtype)
 
     def apply(self, param, update, state, hp, fan_out, fan_in):
         scale = lr_scale(fan_out, fan_in, hp["lr_scaling"])
