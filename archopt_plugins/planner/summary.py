@@ -15,8 +15,15 @@ if TYPE_CHECKING:
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 _SHOWN = ("lr", "weight_decay", "momentum", "betas", "lr_scaling", "ns_coefficients", "ns_steps")
-# fp32 bytes of optimizer state per parameter element, by rule.
-STATE_BYTES_PER_ELEMENT = {"muon": 4, "adamw": 8}
+
+
+def entry_state_bytes(e: PlanEntry) -> int:
+    """fp32 optimizer-state bytes the entry's rule keeps for it."""
+    from ..update.matrix_view import matrix_shape
+    from .rules import get_rule
+
+    mshape = matrix_shape(e.shape, e.structure) if len(e.shape) >= 2 else None
+    return get_rule(e.rule).kernel.state_bytes(e.shape, mshape, dict(e.hparams))
 
 
 def _fmt(value: Any) -> str:
@@ -89,7 +96,7 @@ def render_summary(plan: Plan, collapse_layers: bool = True) -> str:
     for rule in plan.rules():
         members = [e for e in plan.entries if e.rule == rule]
         numel = sum(e.numel for e in members)
-        state = numel * STATE_BYTES_PER_ELEMENT.get(rule, 0)
+        state = sum(entry_state_bytes(e) for e in members)
         footer.append(f"  {rule:8s} {len(members):4d} tensors  {_human(numel):>7s} params "
                       f"({100 * numel / max(total, 1):.1f}%)  state {_human(state)}B (fp32)")
     opts = ", ".join(f"{k}={_fmt(v)}" for k, v in plan.options.items())

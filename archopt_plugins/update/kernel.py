@@ -55,6 +55,17 @@ class Kernel(ABC):
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
         """Fresh per-parameter state (created lazily at the parameter's first step)."""
 
+    def state_bytes(self, shape: tuple[int, ...], matrix_shape: tuple[int, int, int] | None, hp: HParams) -> int:
+        """fp32 bytes of optimizer state for a parameter of ``shape`` (for plans and benchmarks).
+
+        ``matrix_shape`` is (B, fan_out, fan_in) when the parameter has a matrix view. Kernels with
+        state that is not parameter-shaped (factors, factored moments) override this.
+        """
+        numel = 1
+        for d in shape:
+            numel *= d
+        return 4 * numel * len(self.local_state_keys)
+
 
 class ElementwiseKernel(Kernel):
     needs: Needs = "elementwise"
