@@ -36,6 +36,8 @@ class PlanEntry:
     scale_invariant: bool = False
     structure: ParamStructure = field(default_factory=ParamStructure)
     aliases: tuple[str, ...] = ()
+    # Rows per scale-invariant block of the matrix view (fan_out: the whole matrix; 0: not invariant).
+    invariant_block_rows: int = 0
 
     @property
     def numel(self) -> int:
