@@ -21,7 +21,8 @@ import torch
 from ..planner.plan import Plan, PlanEntry, make_plan
 from ..planner.rules import GLOBAL_HPARAMS, get_rule
 from ..roles.types import ParamStructure
-from .executor import Job, LocalExecutor, RuleBatch
+from ..update.matrix_view import matrix_shape
+from ..update.batching import Job, RuleBatch
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -70,7 +71,8 @@ class ArchOpt(torch.optim.Optimizer):
     def _init_from_plan(self, plan: Plan, tensors: dict[str, torch.Tensor]) -> None:
         self.plan = plan
         self._entries: dict[str, PlanEntry] = {e.fqn: e for e in plan.entries}
-        self.executor = LocalExecutor()
+        self.executor = None  # chosen at the first step: LocalExecutor, or the sharding engine
+        self.layout_hints: dict = {}  # fqn -> this rank's piece, registered by stack adapters (ZeRO, Megatron)
         super().__init__(_groups_from_plan(plan, tensors), defaults={})
 
     # -- groups ---------------------------------------------------------------------------------
@@ -99,62 +101,98 @@ class ArchOpt(torch.optim.Optimizer):
                                                 rule.name, dict(hparams), False, ParamStructure())
         super().add_param_group(group)
 
+    def register_layout_hints(self, hints: dict) -> None:
+        """Adapters (ZeRO, Megatron) tell the engine which piece of each parameter this rank holds.
+
+        ``hints`` maps an FQN to a ``shard.layout.Block`` or ``FlatRange`` in the complete tensor's
+        coordinates. Must be called before the first step (layouts are discovered then).
+        """
+        if self.executor is not None:
+            raise RuntimeError("register_layout_hints must be called before the first optimizer step")
+        unknown = [f for f in hints if f not in self._entries]
+        if unknown:
+            raise ValueError(f"layout hint for unknown parameter {unknown[0]!r}")
+        self.layout_hints.update(hints)
+
+    @property
+    def comm_stats(self):
+        """Communication of the sharding engine: ``(last step, total)`` CommStats, or None when local."""
+        executor = self.executor
+        if executor is None or not getattr(executor, "distributed", False):
+            return None
+        return executor.last_stats, executor.total_stats
+
     @property
     def skipped_steps(self) -> int:
         """How many steps ``nonfinite="skip"`` has skipped."""
         return max((g.get("skipped_steps", 0) for g in self.param_groups), default=0)
 
     # -- step -----------------------------------------------------------------------------------
-    def _nonfinite(self) -> tuple[str, dict[str, Any]] | None:
-        """(fqn, group) of the first parameter with a NaN/Inf gradient, or None."""
-        pairs = [(name, g, p.grad) for g in self.param_groups for name, p in zip(g["param_names"], g["params"])
-                 if p.grad is not None]
-        if not pairs:
-            return None
-        norms = torch._foreach_norm([grad for _, _, grad in pairs], float("inf"))
-        finite = torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite()
-        if bool(finite.all()):
-            return None
-        first = int((~finite).nonzero()[0])
-        return pairs[first][0], pairs[first][1]
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        bad = self._nonfinite()
+        work = [(g, name, p, p, p.grad) for g in self.param_groups
+                for name, p in zip(g["param_names"], g["params"]) if p.grad is not None]
+        self._run(work)
+        return loss
+
+    @torch.no_grad()
+    def step_pieces(self, pieces: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One step on pieces of parameters that a stack keeps outside ``param_groups``.
+
+        For adapters whose stack steps flat buffers (ZeRO partitions, Megatron's distributed
+        optimizer): ``pieces`` maps every planned FQN to this rank's (param piece, grad piece) —
+        views into the stack's buffers, empty tensors where this rank holds nothing — and the layout
+        hints registered with :meth:`register_layout_hints` say where each piece sits. State is
+        kept per parameter (shaped like the piece) under the planned parameter's key.
+        """
+        missing = [fqn for fqn in self._entries if fqn not in pieces]
+        if missing:
+            raise ValueError(f"step_pieces needs a (param, grad) piece for every planned parameter (empty tensors "
+                             f"where this rank holds none); missing {missing[0]!r} and {len(missing) - 1} more")
+        work = [(g, name, p, *pieces[name]) for g in self.param_groups
+                for name, p in zip(g["param_names"], g["params"])]
+        self._run(work)
+
+    def _run(self, work: list[tuple[dict[str, Any], str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """work: (group, fqn, state key, param or its piece, grad or its piece)."""
+        executor = self._executor_for_step()
+        bad = executor.first_nonfinite([w[1] for w in work], [w[4] for w in work])
         if bad is not None:
-            fqn, group = bad
+            group, fqn = work[bad][0], work[bad][1]
             if group["nonfinite"] == "raise":
                 raise NonFiniteGradientError(
                     f"parameter {fqn!r} has a non-finite gradient (NaN or Inf); no state was changed. "
                     "Lower the learning rate or use loss scaling, or pass nonfinite='skip' to skip such steps")
             for g in self.param_groups:
                 g["skipped_steps"] = g.get("skipped_steps", 0) + 1
-            return loss
-
-        batches = []
-        for group in self.param_groups:
+            return
+        batches: dict[int, RuleBatch] = {}
+        for group, name, key, param, grad in work:
+            if grad.is_sparse:
+                raise ValueError(f"parameter {name!r}: sparse gradients are not supported")
             rule = get_rule(group["rule"])
             hp = {k: group[k] for k in rule.hparams}
-            jobs = []
-            for name, p in zip(group["param_names"], group["params"]):
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state.update(rule.kernel.init_state(p, hp))
-                state["step"] += 1
-                if p.grad.is_sparse:
-                    raise ValueError(f"parameter {name!r}: sparse gradients are not supported")
-                jobs.append(Job(name, p, p.grad, state, hp, self._entries[name].structure))
-            if jobs:
-                batches.append(RuleBatch(rule, jobs))
-        self.executor.run(batches)
-        return loss
+            state = self.state[key]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state.update(rule.kernel.init_state(param, hp))
+            state["step"] += 1
+            entry = self._entries[name]
+            batch = batches.setdefault(id(group), RuleBatch(rule.name, rule.kernel, []))
+            batch.jobs.append(Job(name, param, grad, state, hp, entry.structure, entry.shape))
+        executor.run(list(batches.values()))
+
+    def _executor_for_step(self):
+        """The executor, chosen at the first step (FSDP2 swaps params for DTensors after construction)."""
+        if self.executor is None:
+            from ..shard.executor import choose_executor
+
+            self.executor = choose_executor(self)
+        return self.executor
 
     # -- checkpoints ----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -21,6 +21,9 @@ GLOBAL_HPARAMS: dict[str, HParam] = {
     "nonfinite": HParam("skip", choice("skip", "raise"),
                         "a NaN/Inf gradient skips the whole step (counted) or raises; state is never touched"),
     "comm_dtype": HParam("auto", dtype_name, "dtype of gathered matrices in sharded runs ('auto': bf16 on CUDA)"),
+    "sharding": HParam("auto", choice("auto", "exact", "redundant", "blockwise"),
+                       "sharded runs: exact owner-based updates (auto), every rank computing every matrix "
+                       "(redundant), or each local block alone (blockwise: inexact, by name only)"),
 }
 
 

@@ -59,7 +59,7 @@ def test_overrides_by_role_and_glob(llama):
 
 
 ERRORS = [
-    (dict(name="sgd"), r"unknown optimizer 'sgd'; available: \['adamw', 'muon'"),
+    (dict(name="sgd"), r"unknown optimizer 'sgd'; available: \[.*'adamw'.*'muon'"),
     (dict(eps=1e-8), r"unknown hyperparameter 'eps' for optimizer 'muon'; valid: \[.*'adamw_eps'"),
     (dict(momentum=1.5), r"hyperparameter 'momentum': invalid value 1.5; expected a number in \[0.0, 1.0\)"),
     (dict(lr=-1), r"'lr': invalid value -1"),
@@ -68,7 +68,7 @@ ERRORS = [
     (dict(nonfinite="ignore"), r"expected one of \['skip', 'raise'\]"),
     (dict(overrides={"attn_z": {"lr": 1}}), r"override FQN pattern 'attn_z' matches no trainable parameter"),
     (dict(overrides={"hidden": {"lr": 1}}), r"override role 'hidden' matches no trainable parameter"),
-    (dict(overrides={"embedding": {"rule": "lion"}}), r"unknown rule 'lion'; valid rules: \['adamw', 'muon'\]"),
+    (dict(overrides={"embedding": {"rule": "sgd"}}), r"unknown rule 'sgd'; valid rules: \[.*'adamw'.*'muon'.*\]"),
     (dict(overrides={"norm": {"rule": "muon"}}),
      r"parameter 'model.layers.0.input_layernorm.weight' \(role 'norm'\): rule 'muon' needs a tensor of >= 2"),
     (dict(overrides={"embedding": {"momentum": 0.9}}),
