@@ -22,6 +22,7 @@ from ..planner.plan import Plan, PlanEntry, make_plan
 from ..planner.rules import GLOBAL_HPARAMS, get_rule
 from ..roles.types import ParamStructure
 from ..update.matrix_view import matrix_shape
+from ..update.matrix_view import matrix_shape
 from ..update.batching import Job, RuleBatch
 
 
@@ -215,10 +216,19 @@ class ArchOpt(torch.optim.Optimizer):
             if saved.get("rule") != group["rule"]:
                 raise ValueError(f"parameter {first!r}: checkpoint has rule {saved.get('rule')!r}, "
                                  f"this optimizer {group['rule']!r}")
-            local_keys = get_rule(group["rule"]).kernel.local_state_keys
+            kernel = get_rule(group["rule"]).kernel
+            hp = {k: group[k] for k in get_rule(group["rule"]).hparams}
             for index, name, p in zip(saved["params"], group["param_names"], group["params"]):
+                entry = self._entries[name]
+                mshape = matrix_shape(entry.shape, entry.structure) if len(entry.shape) >= 2 else None
+                expected = kernel.state_shapes(tuple(p.shape), mshape, hp)
                 for key, value in state_dict.get("state", {}).get(index, {}).items():
-                    if key in local_keys and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    if key == "step" or not isinstance(value, torch.Tensor):
+                        continue
+                    wrong_shape = key in expected and tuple(value.shape) != expected[key]
+                    if wrong_shape or (key not in expected and kernel.state_shapes_complete):
                         raise ValueError(f"parameter {name!r}: checkpoint state {key!r} has shape "
-                                         f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                                         f"{tuple(value.shape)}, but rule {group['rule']!r} keeps "
+                                         f"{expected.get(key, 'no such state')} for the parameter {tuple(p.shape)} "
+                                         "here: saved from another model or with other hyperparameters")
         super().load_state_dict(state_dict)

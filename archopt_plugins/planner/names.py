@@ -66,6 +66,14 @@ NAMES: dict[str, OptimizerName] = {
         OptimizerName("muon", "muon", MATRIX_ROLES,
                       "Muon on hidden/attention/MLP/expert/conv matrices, AdamW on the rest"),
         OptimizerName("adamw", "adamw", frozenset(), "AdamW everywhere (the baseline)"),
+        OptimizerName("shampoo", "shampoo", MATRIX_ROLES,
+                      "blocked Shampoo (Adam-grafted) on matrices, AdamW on the rest"),
+        OptimizerName("one_sided_shampoo", "one_sided_shampoo", MATRIX_ROLES,
+                      "one-sided Shampoo (shorter side, L^-1/2) on matrices, AdamW on the rest"),
+        OptimizerName("soap", "soap", MATRIX_ROLES,
+                      "SOAP (Adam in Shampoo's eigenbasis) on matrices, AdamW on the rest"),
+        OptimizerName("adafactor", "adafactor", MATRIX_ROLES,
+                      "Adafactor (factored second moment) on matrices, AdamW on the rest"),
     )
 }
 

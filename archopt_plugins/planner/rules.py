@@ -97,3 +97,10 @@ def get_rule(name: str, where: str = "plan") -> RuleSpec:
     if name not in RULES:
         raise ValueError(f"{where}: unknown rule {name!r}; valid rules: {sorted(RULES)}")
     return RULES[name]
+
+
+# Structured preconditioners (Shampoo, one-sided Shampoo, SOAP, Adafactor) live in their own module,
+# which needs RuleSpec from this one: imported last so the registry holds them wherever RULES is read.
+from .preconditioner_rules import PRECONDITIONER_RULES  # noqa: E402
+
+RULES.update({r.name: r for r in PRECONDITIONER_RULES})

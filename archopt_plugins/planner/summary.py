@@ -26,6 +26,15 @@ def entry_state_bytes(e: PlanEntry) -> int:
     return get_rule(e.rule).kernel.state_bytes(e.shape, mshape, dict(e.hparams))
 
 
+def entry_layout(e: PlanEntry) -> str:
+    """What the rule's kernel says about the parameter (e.g. Shampoo's blocks); often empty."""
+    from ..update.matrix_view import matrix_shape
+    from .rules import get_rule
+
+    mshape = matrix_shape(e.shape, e.structure) if len(e.shape) >= 2 else None
+    return get_rule(e.rule).kernel.describe(mshape, dict(e.hparams))
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -76,14 +85,15 @@ def _collapse(entries: tuple[PlanEntry, ...]) -> list[tuple[str, list[PlanEntry]
 def render_summary(plan: Plan, collapse_layers: bool = True) -> str:
     rows = _collapse(plan.entries) if collapse_layers else [(e.fqn, [e]) for e in plan.entries]
     shown_keys = [k for k in _SHOWN if any(k in e.hparams for e in plan.entries)]
-    table = [["parameter", "shape", "role", "rule", *shown_keys, "structure"]]
+    table = [["parameter", "shape", "role", "rule", *shown_keys, "structure", "state"]]
     for label, members in rows:
         e = members[0]
         name = label if not e.aliases else f"{label} (= {', '.join(e.aliases)})"
         count = f" x{len(members)}" if len(members) > 1 else ""
         cells = [name, "x".join(map(str, e.shape)) + count, e.role, e.rule]
         cells += [_fmt(e.hparams[k]) if k in e.hparams else "-" for k in shown_keys]
-        cells.append(e.structure.describe() or "-")
+        layout = ", ".join(d for d in (e.structure.describe(), entry_layout(e)) if d)
+        cells += [layout or "-", _human(entry_state_bytes(e)) + "B" + (" each" if len(members) > 1 else "")]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]

@@ -66,6 +66,22 @@ class Kernel(ABC):
             numel *= d
         return 4 * numel * len(self.local_state_keys)
 
+    # True when ``state_shapes`` lists every key the kernel keeps, so a checkpoint key it does not
+    # list (e.g. factors saved with another block_size) is refused when the checkpoint loads.
+    state_shapes_complete: bool = False
+
+    def state_shapes(self, shape: tuple[int, ...], matrix_shape: tuple[int, int, int] | None,
+                     hp: HParams) -> dict[str, tuple[int, ...]]:
+        """Shape of every state tensor (but ``step``) a parameter keeps; checked when a checkpoint loads.
+
+        Kernels with owner state (factors, factored moments) override this with those shapes too.
+        """
+        return {key: tuple(shape) for key in self.local_state_keys}
+
+    def describe(self, matrix_shape: tuple[int, int, int] | None, hp: HParams) -> str:
+        """How the rule sees the parameter, for ``Plan.summary()`` (e.g. its preconditioner blocks)."""
+        return ""
+
 
 class ElementwiseKernel(Kernel):
     needs: Needs = "elementwise"

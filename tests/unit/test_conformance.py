@@ -17,6 +17,16 @@ CASES = {
              dict(ns_steps=0), r"'ns_steps': invalid value 0; expected a positive integer"),
     "adamw": (dict(lr=1e-3, weight_decay=0.01),
               dict(betas=(0.9, 1.5)), r"'betas\[1\]': invalid value 1.5; expected a number in \[0.0, 1.0\)"),
+    # Structured preconditioners: small blocks and frequent roots so 3 + 3 resumed steps cross a
+    # recomputation and blocking is exercised on the tiny model's 32x64 matrices.
+    "shampoo": (dict(lr=3e-3, adamw_lr=1e-3, block_size=16, precondition_frequency=2),
+                dict(precondition_frequency=0), r"'precondition_frequency': invalid value 0; expected a positive"),
+    "one_sided_shampoo": (dict(lr=3e-3, adamw_lr=1e-3, precondition_frequency=2),
+                          dict(matrix_eps=0.0), r"'matrix_eps': invalid value 0.0; expected a number in \(0.0, inf\]"),
+    "soap": (dict(lr=3e-3, adamw_lr=1e-3, block_size=16, precondition_frequency=2),
+             dict(compute_dtype="bfloat16"), r"'compute_dtype': invalid value 'bfloat16'; expected one of"),
+    "adafactor": (dict(lr=3e-3, adamw_lr=1e-3, momentum=0.9),
+                  dict(clip_threshold=-1), r"'clip_threshold': invalid value -1; expected a number in \(0.0, inf\]"),
 }
 
 
