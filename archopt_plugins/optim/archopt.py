@@ -22,7 +22,6 @@ from ..planner.plan import Plan, PlanEntry, make_plan
 from ..planner.rules import GLOBAL_HPARAMS, get_rule
 from ..roles.types import ParamStructure
 from ..update.matrix_view import matrix_shape
-from ..update.matrix_view import matrix_shape
 from ..update.batching import Job, RuleBatch
 
 
