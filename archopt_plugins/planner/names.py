@@ -12,7 +12,7 @@ with ``overrides={"norm": {"weight_decay": ...}}``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from .rules import ADAMW, GLOBAL_HPARAMS, get_rule
 
@@ -31,32 +31,75 @@ class OptimizerName:
     main_rule: str  # the rule the name's plain hyperparameters configure
     matrix_roles: frozenset[str] = field(default_factory=frozenset)
     description: str = ""
+    # Roles that get another rule than ``main_rule``/AdamW, checked first: a role name, "*" (every
+    # role), or "tied_embedding" (an embedding table that is also the output head).
+    role_rules: Mapping[str, str] = field(default_factory=dict)
+    # Plain keywords (``lr``, ``betas`` …) also configure the AdamW on vectors (blockwise Adam:
+    # one optimizer's settings, not an auxiliary AdamW with its own).
+    shares_adamw: bool = False
+    # Rules no role gets by default that an override may pick (``{"embedding": {"rule": "scion_colnorm"}}``);
+    # the name's plain keywords configure them too.
+    extra_rules: tuple[str, ...] = ()
 
-    def rule_for(self, role: str, ndim: int) -> str:
+    def rule_for(self, role: str, ndim: int, tied: bool = False) -> str:
+        keys = ("tied_embedding", role, "*") if tied and role == "embedding" else (role, "*")
+        for key in keys:
+            rule = self.role_rules.get(key)
+            if rule is not None and ndim >= get_rule(rule).min_ndim:
+                return rule
         if self.main_rule != ADAMW.name and role in self.matrix_roles and ndim >= 2:
             return self.main_rule
         return ADAMW.name
 
+    def family(self) -> list[str]:
+        """Rules the name's plain keywords configure: its own rules (and AdamW when it shares)."""
+        rules = [self.main_rule, *self.role_rules.values(), *self.extra_rules]
+        if self.shares_adamw and ADAMW.name not in rules:
+            rules.append(ADAMW.name)
+        return list(dict.fromkeys(rules))
+
+    def _prefixed_rules(self) -> list[str]:
+        """Rules a ``<rule>_<hyperparameter>`` keyword may address (the AdamW beside, and each rule of
+        a name with several, e.g. ``scion_sign_scale``)."""
+        rules = self.family() if len(self.family()) > 1 else []
+        if self.main_rule != ADAMW.name and "*" not in self.role_rules:
+            rules.append(ADAMW.name)
+        return sorted(set(rules), key=len, reverse=True)  # longest first: scion_sign before scion
+
     def rule_defaults(self, rule: str) -> dict[str, Any]:
         """Name-level defaults for a rule before the user's keywords (AdamW beside a matrix rule)."""
-        if rule == ADAMW.name and self.main_rule != ADAMW.name:
+        if rule == ADAMW.name and self.main_rule != ADAMW.name and not self.shares_adamw:
             return dict(AUX_ADAMW_DEFAULTS)
         return {}
 
-    def route(self, key: str) -> tuple[str, str] | None:
-        """(rule, hyperparameter) a keyword configures; ("*", key) for global options; None if unknown."""
+    def targets(self, key: str) -> list[tuple[str, str]]:
+        """Every (rule, hyperparameter) a keyword configures; [("*", key)] for global options; [] if unknown.
+
+        A plain keyword configures each rule of the name's family that has it; a prefixed one
+        (``adamw_lr``, ``scion_sign_scale``) configures that rule only.
+        """
         if key in GLOBAL_HPARAMS:
-            return ("*", key)
-        if key in get_rule(self.main_rule).hparams:
-            return (self.main_rule, key)
-        if self.main_rule != ADAMW.name and key.startswith("adamw_") and key[6:] in ADAMW.hparams:
-            return (ADAMW.name, key[6:])
-        return None
+            return [("*", key)]
+        plain = [(rule, key) for rule in self.family() if key in get_rule(rule).hparams]
+        if plain:
+            return plain
+        for rule in self._prefixed_rules():
+            rest = key[len(rule) + 1:]
+            if key.startswith(rule + "_") and rest in get_rule(rule).hparams:
+                return [(rule, rest)]
+        return []
+
+    def route(self, key: str) -> tuple[str, str] | None:
+        """(rule, hyperparameter) a keyword configures (the first, see ``targets``); None if unknown."""
+        found = self.targets(key)
+        return found[0] if found else None
 
     def valid_keywords(self) -> list[str]:
-        keys = set(GLOBAL_HPARAMS) | set(get_rule(self.main_rule).hparams) | {"overrides"}
-        if self.main_rule != ADAMW.name:
-            keys |= {f"adamw_{k}" for k in ADAMW.hparams}
+        keys = set(GLOBAL_HPARAMS) | {"overrides"}
+        for rule in self.family():
+            keys |= set(get_rule(rule).hparams)
+        for rule in self._prefixed_rules():
+            keys |= {f"{rule}_{k}" for k in get_rule(rule).hparams}
         return sorted(keys)
 
 
@@ -66,6 +109,18 @@ NAMES: dict[str, OptimizerName] = {
         OptimizerName("muon", "muon", MATRIX_ROLES,
                       "Muon on hidden/attention/MLP/expert/conv matrices, AdamW on the rest"),
         OptimizerName("adamw", "adamw", frozenset(), "AdamW everywhere (the baseline)"),
+        OptimizerName("lion", "lion", description="Lion on every parameter (embeddings, head and norms too, as "
+                      "in the Lion paper)", role_rules={"*": "lion"}),
+        OptimizerName("scion", "scion_spectral", MATRIX_ROLES,
+                      "Scion: spectral LMO on hidden/attention/MLP/expert/conv matrices, sign on the output "
+                      "head (and on an embedding tied to it), unit-RMS rows on embedding tables, AdamW on "
+                      "norms, biases and routers",
+                      role_rules={"output": "scion_sign", "tied_embedding": "scion_sign",
+                                  "embedding": "scion_rownorm"},
+                      extra_rules=("scion_colnorm",)),
+        OptimizerName("blockwise_adam", "blockwise_adam", MATRIX_ROLES | {"embedding", "output", "router"},
+                      "Adam with one second moment per row (per head or per tensor with block=...) on every "
+                      "matrix, AdamW on vectors with the same settings", shares_adamw=True),
         OptimizerName("shampoo", "shampoo", MATRIX_ROLES,
                       "blocked Shampoo (Adam-grafted) on matrices, AdamW on the rest"),
         OptimizerName("one_sided_shampoo", "one_sided_shampoo", MATRIX_ROLES,

@@ -21,6 +21,8 @@ import torch
 
 from ..roles import RoleMap, detect_roles
 from ..roles.types import ROLES, SOURCE_NOTE, ParamStructure
+from ..update.kernel import MatrixKernel
+from ..update.matrix_view import view_structure
 from .names import ROLE_DEFAULTS, OptimizerName, get_name
 from .overrides import resolve_overrides
 from .rules import GLOBAL_HPARAMS, get_rule
@@ -80,19 +82,24 @@ def _split_keywords(opt: OptimizerName, hparams: Mapping[str, Any]) -> tuple[dic
     """User keywords → (global options, {rule: {hparam: value}}); unknown keywords raise."""
     options: dict[str, Any] = {}
     per_rule: dict[str, dict[str, Any]] = {}
+    routed = []
     for key, value in hparams.items():
-        target = opt.route(key)
-        if target is None:
+        targets = opt.targets(key)
+        if not targets:
             raise ValueError(f"unknown hyperparameter {key!r} for optimizer {opt.name!r}; "
                              f"valid: {opt.valid_keywords()}")
-        rule, name = target
-        if rule == "*":
-            try:
-                options[name] = GLOBAL_HPARAMS[name].resolve(name, value)
-            except ValueError as err:
-                raise ValueError(f"optimizer {opt.name!r}: {err}") from None
-        else:
-            per_rule.setdefault(rule, {})[name] = value
+        routed.append((key, value, targets))
+    # Plain keywords first, so a rule-prefixed one (adamw_lr, scion_sign_scale) wins whatever the order.
+    routed.sort(key=lambda item: item[2][0][1] != item[0])
+    for _, value, targets in routed:
+        for rule, name in targets:
+            if rule == "*":
+                try:
+                    options[name] = GLOBAL_HPARAMS[name].resolve(name, value)
+                except ValueError as err:
+                    raise ValueError(f"optimizer {opt.name!r}: {err}") from None
+            else:
+                per_rule.setdefault(rule, {})[name] = value
     for key, spec in GLOBAL_HPARAMS.items():
         options.setdefault(key, spec.default)
     return options, per_rule
@@ -115,7 +122,8 @@ def build_plan(roles: RoleMap, name: str = "muon", **hparams: Any) -> Plan:
             raise ValueError(f"{where}: unknown role; valid roles: {list(ROLES)}")
         over = resolved[p.fqn]
         group_opts = dict(p.group_options)
-        rule_name = over.rule or group_opts.pop("rule", None) or opt.rule_for(p.role, p.param.ndim)
+        rule_name = (over.rule or group_opts.pop("rule", None)
+                     or opt.rule_for(p.role, p.param.ndim, tied=bool(p.aliases)))
         rule = get_rule(rule_name, where)
         if p.param.ndim < rule.min_ndim:
             raise ValueError(f"{where}: rule {rule_name!r} needs a tensor of >= {rule.min_ndim} dimensions, "
@@ -135,9 +143,12 @@ def build_plan(roles: RoleMap, name: str = "muon", **hparams: Any) -> Plan:
                 values[key] = value
                 used.add(origin)
         converted = rule.convert(values, where)
+        structure = p.structure
+        if isinstance(rule.kernel, MatrixKernel):  # per-head view when the rule's hyperparameters ask for it
+            structure = view_structure(structure, converted, where)
         entries.append(PlanEntry(
             fqn=p.fqn, shape=tuple(p.param.shape), role=p.role, rule=rule_name,
-            hparams=MappingProxyType(converted), scale_invariant=False, structure=p.structure,
+            hparams=MappingProxyType(converted), scale_invariant=False, structure=structure,
             aliases=p.aliases,
         ))
     for (source, key), rule_names in rules_seen.items():

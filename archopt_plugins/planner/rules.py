@@ -59,6 +59,9 @@ class RuleSpec:
         return out
 
 
+# The per-head matrix view (update/matrix_view.py), for rules that orthogonalize or normalize matrices.
+PER_HEAD = HParam(False, to_bool, "attention q/k/v and fused QKV weights are seen as one matrix per head")
+
 MUON = RuleSpec(
     name="muon",
     kernel=MuonKernel(),
@@ -74,6 +77,7 @@ MUON = RuleSpec(
         "lr_scaling": HParam("shape", choice(*LR_SCALINGS),
                              "shape: √max(1,m/n); spectral: √(m/n); match_adamw: 0.2·√max(m,n)"),
         "compute_dtype": HParam("auto", dtype_name, "dtype of the Newton–Schulz matmuls ('auto': bf16 on CUDA)"),
+        "per_head": PER_HEAD,
     },
 )
 
@@ -91,6 +95,11 @@ ADAMW = RuleSpec(
 )
 
 RULES: dict[str, RuleSpec] = {r.name: r for r in (MUON, ADAMW)}
+
+# Lion, Scion's LMOs and blockwise Adam live in their own module, which builds on RuleSpec above.
+from .geometry_rules import GEOMETRY_RULES  # noqa: E402
+
+RULES.update(GEOMETRY_RULES)
 
 
 def get_rule(name: str, where: str = "plan") -> RuleSpec:

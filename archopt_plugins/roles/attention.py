@@ -82,6 +82,10 @@ def attention_roles(attn: nn.Module, model: nn.Module) -> list[tuple[LinearInfo,
         structure = ParamStructure(transposed=info.transposed)
         if role == "attn_qkv":
             structure = ParamStructure(transposed=info.transposed, qkv=_qkv_split(attn, dims, info.fan_out))
+        elif role in ("attn_q", "attn_k", "attn_v") and dims.head_dim and info.fan_out % dims.head_dim == 0:
+            # Recorded so per-head rules (per-head orthogonalization, blockwise Adam per head)
+            # see separate projections exactly as they see the same heads inside a fused QKV.
+            structure = ParamStructure(transposed=info.transposed, head_dim=dims.head_dim)
         result.append((info, role or "hidden", structure))
     return result
 

@@ -74,12 +74,18 @@ class ParamStructure:
     ``batch_dims`` leading dimensions index independent matrices (MoE experts); ``transposed``
     means the stored matrix is [fan_in, fan_out] (GPT-2 ``Conv1D``, Mixtral's stacked experts);
     ``flatten_kernel`` folds a conv kernel's trailing dimensions into fan_in.
+    ``head_dim`` says the rows come in attention heads of that many rows (separate q/k/v
+    projections; a fused QKV says it in ``qkv``). ``per_head`` is not detected but set by the plan
+    when a rule's hyperparameters ask for it (``update.matrix_view.view_structure``): the matrix
+    view then has one matrix per head.
     """
 
     batch_dims: int = 0
     transposed: bool = False
     flatten_kernel: bool = False
     qkv: QKVSplit | None = None
+    head_dim: int | None = None
+    per_head: bool = False
 
     def describe(self) -> str:
         parts = []
@@ -92,6 +98,8 @@ class ParamStructure:
         if self.qkv is not None:
             q = self.qkv
             parts.append(f"q{q.num_heads}/kv{q.num_kv_heads}x{q.head_dim} {q.layout}")
+        if self.per_head:
+            parts.append("per head")
         return ", ".join(parts)
 
 
