@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the plan of a named optimizer for the quickstart model")
     p.add_argument("name", nargs="?", default="muon")
     p.set_defaults(func=_plan)
+    from .integrations.hf.launcher import add_hf_run_command  # `archopt hf-run SCRIPT ARGS...`
+
+    add_hf_run_command(sub)
     return parser
 
 
