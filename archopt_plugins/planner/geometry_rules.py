@@ -22,7 +22,7 @@ from ..update.muon import LR_SCALINGS
 from ..update.newton_schulz import COEFFICIENT_SETS
 from ..update.scion import ScionColNormKernel, ScionRowNormKernel, ScionSignKernel, ScionSpectralKernel
 from .hparams import HParam, betas, choice, dtype_name, nonnegative, positive, positive_int, unit_interval
-from .rules import PER_HEAD, RuleSpec
+from .rules import RuleSpec
 
 LION = RuleSpec(
     name="lion",
@@ -44,7 +44,6 @@ def _scion_hparams(scale: float, **extra: HParam) -> dict[str, HParam]:
         "weight_decay": HParam(1.0, nonnegative,
                                "W ← (1 − lr·wd)·W; 1 = Scion's constrained variant, 0 = unconstrained"),
         "scale": HParam(scale, positive, "radius ρ of the role's norm ball (Scion's per-layer scale)"),
-        "per_head": PER_HEAD,
         **extra,
     }
 

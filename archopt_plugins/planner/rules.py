@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..update.adamw import AdamWKernel
-from ..update.kernel import Kernel
+from ..update.kernel import Kernel, MatrixKernel
 from ..update.muon import LR_SCALINGS, MuonKernel
 from ..update.newton_schulz import COEFFICIENT_SETS
 from .hparams import HParam, betas, choice, dtype_name, nonnegative, positive, positive_int, to_bool, unit_interval
@@ -34,6 +34,12 @@ class RuleSpec:
     hparams: Mapping[str, HParam]
     min_ndim: int
     description: str
+
+    def __post_init__(self) -> None:
+        # Every matrix rule honours the per-head matrix view (update/matrix_view.py); the switch is
+        # added here, so a new rule cannot forget it.
+        if isinstance(self.kernel, MatrixKernel) and "per_head" not in self.hparams:
+            object.__setattr__(self, "hparams", {**self.hparams, "per_head": PER_HEAD})
 
     @property
     def needs(self) -> str:
@@ -59,7 +65,7 @@ class RuleSpec:
         return out
 
 
-# The per-head matrix view (update/matrix_view.py), for rules that orthogonalize or normalize matrices.
+# The per-head matrix view (update/matrix_view.py); every matrix rule gets it (RuleSpec.__post_init__).
 PER_HEAD = HParam(False, to_bool, "attention q/k/v and fused QKV weights are seen as one matrix per head")
 
 MUON = RuleSpec(
@@ -77,7 +83,6 @@ MUON = RuleSpec(
         "lr_scaling": HParam("shape", choice(*LR_SCALINGS),
                              "shape: √max(1,m/n); spectral: √(m/n); match_adamw: 0.2·√max(m,n)"),
         "compute_dtype": HParam("auto", dtype_name, "dtype of the Newton–Schulz matmuls ('auto': bf16 on CUDA)"),
-        "per_head": PER_HEAD,
     },
 )
 
