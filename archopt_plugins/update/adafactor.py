@@ -26,7 +26,7 @@ import math
 import torch
 
 from .kernel import HParams, MatrixBatch, MatrixKernel, add_scaled_, zeros_state
-from .owner_state import gather_state, keep_finite_, matrix_steps, scatter_state, zero_nonfinite_
+from .owner_state import gather_state, keep_finite_, per_matrix, scatter_state, zero_nonfinite_
 
 
 class AdafactorKernel(MatrixKernel):
@@ -61,9 +61,10 @@ class AdafactorKernel(MatrixKernel):
         return grad
 
     def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
-        G = batch.data.float()  # may alias the gradient: never modified in place
+        G = batch.data.float().contiguous()  # the same layout alone or batched; never modified in place
         N, m, n = G.shape
-        beta2 = (1.0 - matrix_steps(batch).pow(-hp["beta2_decay"])).float()
+        decay = hp["beta2_decay"]
+        beta2 = per_matrix(batch, lambda t: 1.0 - t ** (-decay))
         sq = G * G + hp["eps"]
         rows = gather_state(batch, "row_sq", (m,), torch.float32)
         cols = gather_state(batch, "col_sq", (n,), torch.float32)

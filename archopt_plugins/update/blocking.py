@@ -88,7 +88,9 @@ class BlockGrid:
             region = X[:, cl.row_start:cl.row_start + cl.rows * cl.row_count,
                        cl.col_start:cl.col_start + cl.cols * cl.col_count]
             blocks = region.reshape(X.shape[0], cl.row_count, cl.rows, cl.col_count, cl.cols)
-            out.append(blocks.permute(0, 1, 3, 2, 4).reshape(-1, cl.rows, cl.cols))
+            # Always contiguous: reductions over a strided view sum in another order, and a block's
+            # result must not depend on whether its matrix was alone (a view) or batched (a copy).
+            out.append(blocks.permute(0, 1, 3, 2, 4).reshape(-1, cl.rows, cl.cols).contiguous())
         return out
 
     def merge(self, parts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:

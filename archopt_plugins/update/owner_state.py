@@ -12,6 +12,7 @@ whose square overflows float32) never corrupts state and never reaches a paramet
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 
@@ -47,9 +48,19 @@ def scatter_state(batch: MatrixBatch, key: str, value: torch.Tensor) -> None:
 
 def matrix_steps(batch: MatrixBatch, repeat: int = 1) -> torch.Tensor:
     """Each matrix's step count (float64 [N·repeat]), from its segment; ``repeat`` = blocks per matrix."""
+    return per_matrix(batch, float, repeat, torch.float64)
+
+
+def per_matrix(batch: MatrixBatch, fn: Callable[[int], float], repeat: int = 1,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fn(step) for each matrix ([N·repeat]), computed in Python per segment.
+
+    Not ``fn(steps_tensor)``: vectorised pow/exp round differently from their scalar tails, so a
+    matrix's bias correction would depend on how many other matrices share its batch.
+    """
+    values = [fn(s.step) for s in batch.segments]
     counts = torch.tensor([s.count * repeat for s in batch.segments])
-    steps = torch.tensor([float(s.step) for s in batch.segments], dtype=torch.float64)
-    return steps.repeat_interleave(counts).to(batch.data.device)
+    return torch.tensor(values, dtype=dtype).repeat_interleave(counts).to(batch.data.device)
 
 
 def per_matrix_finite(t: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from .blocked_kernel import BlockedPreconditionerKernel, compute_dtype_of
 from .blocking import BlockGrid, Sides
 from .kernel import HParams, MatrixBatch, add_scaled_, zeros_state
 from .matrix_roots import inverse_root, inverse_root_reference
-from .owner_state import (gather_state, keep_finite_, matrix_steps, scatter_state, warn_decomposition_failed,
+from .owner_state import (gather_state, keep_finite_, per_matrix, scatter_state, warn_decomposition_failed,
                           zero_nonfinite_)
 
 GRAFTS = ("adam", "none")
@@ -69,52 +69,57 @@ class ShampooKernel(BlockedPreconditionerKernel):
     def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
         dtype = compute_dtype_of(hp)
         root_dtype = compute_dtype_of({"compute_dtype": hp["root_dtype"]})
-        G = batch.data.to(dtype)  # may alias the gradient: never modified in place
+        # Contiguous, so a matrix's arithmetic is the same whether it came alone (maybe a transposed
+        # view of its gradient) or concatenated with others. May alias the gradient: never modified.
+        G = batch.data.to(dtype).contiguous()
         N, m, n = G.shape
         grid = self.grid(m, n, hp)
         beta2, ema = hp["betas"][1], hp["statistics"] == "ema"
-        steps = matrix_steps(batch)
-        due = torch.remainder(steps - 1, hp["precondition_frequency"]) == 0
+        freq = hp["precondition_frequency"]
+        due = per_matrix(batch, lambda t: float((t - 1) % freq == 0)) > 0
+        # EMA bias corrections 1 − β₂ᵗ per matrix (1 for summed statistics)
+        corrections = per_matrix(batch, (lambda t: 1.0 - beta2 ** t) if ema else (lambda t: 1.0), dtype=dtype)
 
         directions = []
-        for cl, block in zip(grid.classes, grid.split(G)):
+        for cl, g in zip(grid.classes, grid.split(G)):
+            block = g  # preconditioned side by side; the statistics use the raw gradient g
             block_due = due.repeat_interleave(cl.count)
-            block_steps = steps.repeat_interleave(cl.count)
+            block_corrections = corrections.repeat_interleave(cl.count)
             for side, on, size in (("L", cl.left, cl.rows), ("R", cl.right, cl.cols)):
                 if not on:
                     continue
                 key = f"{side}.{cl.key}"
                 stat = gather_state(batch, key, (cl.count, size, size), dtype)
                 flat = stat.view(-1, size, size)
-                outer = block @ block.mT if side == "L" else block.mT @ block
+                outer = g @ g.mT if side == "L" else g.mT @ g
                 keep_finite_(flat, beta2 * flat + (1.0 - beta2) * outer if ema else flat + outer)
                 scatter_state(batch, key, stat)
                 root = gather_state(batch, f"{side}_root.{cl.key}", (cl.count, size, size), dtype)
                 flat_root = root.view(-1, size, size)
                 if bool(block_due.any()):
-                    self._recompute_roots(batch, flat, flat_root, block_due, block_steps, cl.count, beta2 if ema
-                                          else None, cl.exponent, hp["matrix_eps"], root_dtype)
+                    self._recompute_roots(batch, flat, flat_root, block_due, block_corrections, cl.count,
+                                          cl.exponent, hp["matrix_eps"], root_dtype)
                     scatter_state(batch, f"{side}_root.{cl.key}", root)
                 block = flat_root @ block if side == "L" else block @ flat_root
             directions.append(block)
 
         if hp["graft"] == "adam":
-            directions = self._graft(batch, G, grid, directions, steps, hp, dtype)
+            directions = self._graft(batch, G, grid, directions, corrections, hp, dtype)
         update = grid.merge(directions)
         return zero_nonfinite_(update, batch, self.label)
 
-    def _recompute_roots(self, batch, stat, root, due, steps, per_matrix, beta2, exponent, matrix_eps, root_dtype):
+    def _recompute_roots(self, batch, stat, root, due, corrections, blocks_per_matrix, exponent, matrix_eps,
+                         root_dtype):
         rows = due.nonzero().flatten()
         every = rows.numel() == stat.shape[0]
         chosen = stat if every else stat.index_select(0, rows)
-        if beta2 is not None:  # bias-correct the EMA so roots do not depend on how many steps it has seen
-            correction = (1.0 - beta2 ** (steps if every else steps.index_select(0, rows))).to(stat.dtype)
-            chosen = chosen / correction.view(-1, 1, 1)
+        # Bias-correct the EMA so a root does not depend on how many steps the EMA has seen.
+        chosen = chosen / (corrections if every else corrections.index_select(0, rows)).view(-1, 1, 1)
         new_root, ok = inverse_root(chosen, exponent, matrix_eps, root_dtype)
         if not bool(ok.all()):
             full_ok = torch.ones(stat.shape[0], dtype=torch.bool, device=stat.device)
             full_ok[rows] = ok
-            warn_decomposition_failed(batch, full_ok, per_matrix, self.label)
+            warn_decomposition_failed(batch, full_ok, blocks_per_matrix, self.label)
             old = root if every else root.index_select(0, rows)
             new_root = torch.where(ok.view(-1, 1, 1), new_root, old)
         if every:
@@ -122,12 +127,12 @@ class ShampooKernel(BlockedPreconditionerKernel):
         else:
             root.index_copy_(0, rows, new_root)
 
-    def _graft(self, batch, G, grid: BlockGrid, directions, steps, hp, dtype):
+    def _graft(self, batch, G, grid: BlockGrid, directions, corrections, hp, dtype):
         beta2, eps = hp["betas"][1], hp["eps"]
         v = gather_state(batch, "graft_sq", tuple(G.shape[1:]), dtype)
         if hp["statistics"] == "ema":
             keep_finite_(v, beta2 * v + (1.0 - beta2) * G * G)
-            denom = (v / (1.0 - beta2 ** steps).to(dtype).view(-1, 1, 1)).sqrt_().add_(eps)
+            denom = (v / corrections.view(-1, 1, 1)).sqrt_().add_(eps)
         else:
             keep_finite_(v, v + G * G)
             denom = v.sqrt().add_(eps)
