@@ -39,7 +39,8 @@ def trainer_args(tmp_path, cls=TrainingArguments, **kw):
 
 def rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     pb = dict(b.named_parameters())
-    return max(float((p - pb[n]).norm() / p.norm()) for n, p in a.named_parameters())
+    with torch.no_grad():
+        return max(float((p - pb[n]).norm() / p.norm()) for n, p in a.named_parameters())
 
 
 def test_trainer_step_equals_a_hand_written_archopt_loop(enabled, tmp_path, capsys):
@@ -166,3 +167,16 @@ def test_hf_run_launcher_runs_a_stock_script_unchanged(tmp_path, capsys):
     from archopt_plugins.integrations.hf import is_enabled
 
     assert not is_enabled()
+
+
+@pytest.mark.parametrize("name", ao.available_optimizers())
+def test_every_available_name_trains_in_the_stock_trainer(enabled, tmp_path, name):
+    args = trainer_args(tmp_path, optim=f"archopt_{name}", learning_rate=1e-3, max_steps=2)
+    model = tiny_llama()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(8, 12, 64))
+    trainer.train()
+    assert trainer.optimizer.optimizer.plan.name == name
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
