@@ -15,6 +15,7 @@ of float32 as 0 or 3e-4); ``2·atan2(‖a−b‖, ‖a+b‖)`` of the unit vecto
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -36,7 +37,10 @@ def blocks(t: torch.Tensor, structure: ParamStructure | None = None, block_rows:
     t = t.detach().to(_work_dtype(t))
     if t.ndim < 2 or block_rows <= 0:
         return t.reshape(1, -1)
-    mats = to_matrices(t, structure or ParamStructure())
+    structure = structure or ParamStructure()
+    if getattr(structure, "per_head", False):  # blocks count rows of the whole matrix, not of one head
+        structure = dataclasses.replace(structure, per_head=False)
+    mats = to_matrices(t, structure)
     batch, rows, cols = mats.shape
     if rows % block_rows:
         raise ValueError(f"block_rows={block_rows} does not divide the {rows} rows of a matrix of shape "

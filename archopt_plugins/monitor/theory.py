@@ -9,7 +9,7 @@ Kosson et al. 2024 "Rotational equilibrium"):
 * AdamW with β₁: √(2ηλ·(1−β₁)/(1+β₁));
 * updates of fixed size (Muon's orthogonalized step, Lion's sign): √(2ηλ);
 
-reached after about 1/(ηλ) steps (the decay's time constant; 3/(ηλ) is within e⁻³ of it). Also the
+reached after about 1/(ηλ) steps (``update.equilibrium`` has the formulas). Also the
 bounds the iterates end inside: AdamW (and sign descent) ‖W‖∞ ≤ 1/λ, Muon with decoupled decay
 ‖W‖₂ ≤ s/λ (s its lr scale). The monitor reports these as
 
@@ -25,11 +25,11 @@ register its own prediction in ``EQUILIBRIUM_ANGLE`` (the spherical rule does).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 
+from ..update.equilibrium import equilibrium_angle
 from ..update.matrix_view import to_matrices
 from .geometry import power_iteration
 
@@ -47,17 +47,23 @@ def _beta1(group: Group) -> float:
 
 def sgd_equilibrium_angle(lr: float, weight_decay: float, momentum: float = 0.0) -> float:
     """√(2ηλ/(1+μ)): SGD with (sum-form) momentum μ on a scale-invariant weight."""
-    return math.sqrt(2.0 * lr * weight_decay / (1.0 + momentum))
+    return equilibrium_angle("sgd", lr, weight_decay, momentum)
 
 
 def adamw_equilibrium_angle(lr: float, weight_decay: float, beta1: float) -> float:
     """√(2ηλ(1−β₁)/(1+β₁)): AdamW on a scale-invariant weight."""
-    return math.sqrt(2.0 * lr * weight_decay * (1.0 - beta1) / (1.0 + beta1))
+    return equilibrium_angle("adamw", lr, weight_decay, beta1)
 
 
 def fixed_norm_equilibrium_angle(lr: float, weight_decay: float) -> float:
     """√(2ηλ): updates of a fixed size per step (Muon, Lion) on a scale-invariant weight."""
-    return math.sqrt(2.0 * lr * weight_decay)
+    return equilibrium_angle("muon", lr, weight_decay)
+
+
+def _spherical_angle(group: Group) -> float:
+    from ..update.spherical import predicted_angle
+
+    return predicted_angle(group)
 
 
 # rule name → predicted equilibrium angle per step from the group's hyperparameters (None: no prediction)
@@ -66,7 +72,11 @@ EQUILIBRIUM_ANGLE: dict[str, Callable[[Group], float | None]] = {
     "sgd": lambda g: sgd_equilibrium_angle(g["lr"], g.get("weight_decay", 0.0), _momentum(g)),
     "muon": lambda g: fixed_norm_equilibrium_angle(g["lr"], g.get("weight_decay", 0.0)),
     "lion": lambda g: fixed_norm_equilibrium_angle(g["lr"], g.get("weight_decay", 0.0)),
+    # the spherical rule turns by atan(lr) (hyperball) or by θ (equilibrium mode) from the first step
+    "spherical": _spherical_angle,
 }
+# Rules that hold the norm fixed: no relaxation towards an equilibrium norm to time.
+FIXED_NORM_RULES = frozenset({"spherical"})
 
 # Rules whose iterates end in an ℓ∞ ball of radius 1/λ (sign-like updates of bounded size).
 LINF_RULES = frozenset({"adamw", "lion"})
@@ -102,7 +112,7 @@ class TheoryTracker:
             angle = angle_fn(group)
             if angle is not None:
                 out["equilibrium_angular_update"] = angle
-        if lr > 0 and wd > 0:
+        if lr > 0 and wd > 0 and t.rule not in FIXED_NORM_RULES:
             out["equilibrium_steps"] = 1.0 / (lr * wd)
             out["equilibrium_progress"] = self._progress.get(id(group), 0.0)
             if t.rule in LINF_RULES:

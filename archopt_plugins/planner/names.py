@@ -109,6 +109,9 @@ NAMES: dict[str, OptimizerName] = {
         OptimizerName("muon", "muon", MATRIX_ROLES,
                       "Muon on hidden/attention/MLP/expert/conv matrices, AdamW on the rest"),
         OptimizerName("adamw", "adamw", frozenset(), "AdamW everywhere (the baseline)"),
+        OptimizerName("spherical", "spherical", MATRIX_ROLES,
+                      "fixed-norm (hyperball) Muon-direction steps on hidden/attention/MLP/expert/conv "
+                      "matrices, AdamW on the rest"),
         OptimizerName("lion", "lion", description="Lion on every parameter (embeddings, head and norms too, as "
                       "in the Lion paper)", role_rules={"*": "lion"}),
         OptimizerName("scion", "scion_spectral", MATRIX_ROLES,

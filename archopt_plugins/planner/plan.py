@@ -20,10 +20,12 @@ from typing import Any, Mapping
 import torch
 
 from ..roles import RoleMap, detect_roles
+from ..roles.scale_invariance import InvarianceReport
 from ..roles.types import ROLES, SOURCE_NOTE, ParamStructure
 from ..update.kernel import MatrixKernel
 from ..update.matrix_view import view_structure
 from .names import ROLE_DEFAULTS, OptimizerName, get_name
+from .invariance import ROUTING, SPHERICAL, check_spherical_param, detect_for_plan, pop_options, spherical_values
 from .overrides import resolve_overrides
 from .rules import GLOBAL_HPARAMS, get_rule
 
@@ -55,6 +57,7 @@ class Plan:
     entries: tuple[PlanEntry, ...]
     source: str
     options: Mapping[str, Any]  # optimizer-wide options (nonfinite, comm_dtype)
+    notes: tuple[str, ...] = ()  # what plan-time detection did (scale-invariance probe)
 
     def entry(self, fqn: str) -> PlanEntry:
         for e in self.entries:
@@ -105,9 +108,14 @@ def _split_keywords(opt: OptimizerName, hparams: Mapping[str, Any]) -> tuple[dic
     return options, per_rule
 
 
-def build_plan(roles: RoleMap, name: str = "muon", **hparams: Any) -> Plan:
+def build_plan(roles: RoleMap, name: str = "muon", invariance: InvarianceReport | None = None,
+               **hparams: Any) -> Plan:
     opt = get_name(name)
     overrides = hparams.pop("overrides", None)
+    switch, _, spherical_kw = pop_options(hparams)  # scale_invariant=..., spherical_* (planner/invariance.py)
+    if invariance is None and switch in ROUTING:
+        raise ValueError(f"scale_invariant={switch!r} needs scale-invariance detection: build the plan with "
+                         "make_plan/plan/build_optimizer from the nn.Module")
     options, user = _split_keywords(opt, hparams)
     for rule, values in user.items():  # convert once so a bad value fails before per-parameter work
         get_rule(rule).convert(values, f"optimizer {name!r}")
@@ -124,6 +132,10 @@ def build_plan(roles: RoleMap, name: str = "muon", **hparams: Any) -> Plan:
         group_opts = dict(p.group_options)
         rule_name = (over.rule or group_opts.pop("rule", None)
                      or opt.rule_for(p.role, p.param.ndim, tied=bool(p.aliases)))
+        inv = invariance.get(p.fqn) if invariance is not None else None
+        base_rule_name = rule_name
+        if inv is not None and switch in ROUTING and not (over.rule or p.group_options.get("rule")):
+            rule_name = SPHERICAL
         rule = get_rule(rule_name, where)
         if p.param.ndim < rule.min_ndim:
             raise ValueError(f"{where}: rule {rule_name!r} needs a tensor of >= {rule.min_ndim} dimensions, "
@@ -131,6 +143,12 @@ def build_plan(roles: RoleMap, name: str = "muon", **hparams: Any) -> Plan:
         values = rule.defaults()
         values.update(opt.rule_defaults(rule_name))
         values.update(user.get(rule_name, {}))
+        if rule_name == SPHERICAL:
+            base_rule = get_rule(base_rule_name, where)
+            base = base_rule.convert({**base_rule.defaults(), **opt.rule_defaults(base_rule_name),
+                                      **user.get(base_rule_name, {})}, where)
+            routed_by = switch if base_rule_name != rule_name else "detect"
+            values.update(spherical_values(base_rule_name, base, routed_by, inv, spherical_kw, where))
         values.update({k: v for k, v in ROLE_DEFAULTS.get(p.role, {}).items() if k in rule.hparams})
         group_opts = {k: v for k, v in group_opts.items() if k not in GLOBAL_HPARAMS}
         values.update(group_opts)
@@ -143,24 +161,38 @@ def build_plan(roles: RoleMap, name: str = "muon", **hparams: Any) -> Plan:
                 values[key] = value
                 used.add(origin)
         converted = rule.convert(values, where)
+        validate = getattr(rule.kernel, "validate_hparams", None)  # checks across values
+        if validate is not None:
+            validate(converted, where)
+        if rule_name == SPHERICAL:
+            check_spherical_param(p.param, p.structure, converted["block_rows"], where)
         structure = p.structure
         if isinstance(rule.kernel, MatrixKernel):  # per-head view when the rule's hyperparameters ask for it
             structure = view_structure(structure, converted, where)
         entries.append(PlanEntry(
             fqn=p.fqn, shape=tuple(p.param.shape), role=p.role, rule=rule_name,
-            hparams=MappingProxyType(converted), scale_invariant=False, structure=structure,
-            aliases=p.aliases,
+            hparams=MappingProxyType(converted), scale_invariant=inv is not None, structure=structure,
+            aliases=p.aliases, invariant_block_rows=inv.block_rows if inv is not None else 0,
         ))
     for (source, key), rule_names in rules_seen.items():
         if (source, key) not in used:
             valid = sorted({k for r in rule_names for k in get_rule(r).hparams})
             raise ValueError(f"override {source!r}: hyperparameter {key!r} applies to none of the parameters it "
                              f"matches (their rules: {sorted(rule_names)}); valid for them: {valid}")
-    return Plan(name=name, entries=tuple(entries), source=roles.source, options=MappingProxyType(options))
+    if spherical_kw and not any(e.rule == SPHERICAL for e in entries):
+        raise ValueError(f"spherical_* keywords {sorted(spherical_kw)} configure the spherical rule, which no "
+                         "parameter runs; pass scale_invariant='spherical' or 'equilibrium' (and check "
+                         "Plan.summary() for scale-invariant weights)")
+    notes = (invariance.note,) if invariance is not None and invariance.note else ()
+    return Plan(name=name, entries=tuple(entries), source=roles.source, options=MappingProxyType(options),
+                notes=notes)
 
 
 def make_plan(model: Any, name: str = "muon", **hparams: Any) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Plan plus the FQN → tensor map the optimizer needs (the plan itself holds no tensors)."""
     roles = detect_roles(model)
-    plan = build_plan(roles, name, **hparams)
+    get_name(name)  # an unknown name fails before any probe forward
+    switch, probe, _ = pop_options(dict(hparams))
+    hparams.pop("probe_inputs", None)
+    plan = build_plan(roles, name, invariance=detect_for_plan(model, switch, probe), **hparams)
     return plan, {p.fqn: p.param for p in roles.params}

@@ -106,6 +106,11 @@ from .geometry_rules import GEOMETRY_RULES  # noqa: E402
 
 RULES.update(GEOMETRY_RULES)
 
+# The spherical (fixed-norm) rule for scale-invariant weights, also in its own module.
+from .spherical_rule import SPHERICAL_RULES  # noqa: E402
+
+RULES.update(SPHERICAL_RULES)
+
 
 def get_rule(name: str, where: str = "plan") -> RuleSpec:
     if name not in RULES:

@@ -7,6 +7,7 @@ matrix structure; then a total per rule with parameter counts and optimizer-stat
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,8 @@ def _human(n: float) -> str:
 
 
 def _row_key(e: PlanEntry) -> tuple:
-    return (_INDEX.sub("#", e.fqn), e.shape, e.role, e.rule, tuple(sorted(e.hparams.items())), e.structure)
+    return (_INDEX.sub("#", e.fqn), e.shape, e.role, e.rule, tuple(sorted(e.hparams.items())), e.structure,
+            e.invariant_block_rows)
 
 
 def _collapse(entries: tuple[PlanEntry, ...]) -> list[tuple[str, list[PlanEntry]]]:
@@ -82,10 +84,23 @@ def _collapse(entries: tuple[PlanEntry, ...]) -> list[tuple[str, list[PlanEntry]
     return rows
 
 
+def _invariance(e: PlanEntry) -> str:
+    """The scale-invariance cell: blocks of rows the loss is invariant to scaling, or '-'."""
+    if not e.scale_invariant:
+        return "-"
+    from ..update.matrix_view import matrix_shape
+
+    rows = matrix_shape(e.shape, dataclasses.replace(e.structure, per_head=False))[1]
+    return "whole" if e.invariant_block_rows in (0, rows) else f"per {e.invariant_block_rows} rows"
+
+
 def render_summary(plan: Plan, collapse_layers: bool = True) -> str:
     rows = _collapse(plan.entries) if collapse_layers else [(e.fqn, [e]) for e in plan.entries]
     shown_keys = [k for k in _SHOWN if any(k in e.hparams for e in plan.entries)]
+    invariant = [e for e in plan.entries if e.scale_invariant]
     table = [["parameter", "shape", "role", "rule", *shown_keys, "structure", "state"]]
+    if invariant:
+        table[0].append("scale-invariant")
     for label, members in rows:
         e = members[0]
         name = label if not e.aliases else f"{label} (= {', '.join(e.aliases)})"
@@ -94,6 +109,8 @@ def render_summary(plan: Plan, collapse_layers: bool = True) -> str:
         cells += [_fmt(e.hparams[k]) if k in e.hparams else "-" for k in shown_keys]
         layout = ", ".join(d for d in (e.structure.describe(), entry_layout(e)) if d)
         cells += [layout or "-", _human(entry_state_bytes(e)) + "B" + (" each" if len(members) > 1 else "")]
+        if invariant:
+            cells.append(_invariance(e))
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
@@ -110,4 +127,9 @@ def render_summary(plan: Plan, collapse_layers: bool = True) -> str:
         footer.append(f"  {rule:8s} {len(members):4d} tensors  {_human(numel):>7s} params "
                       f"({100 * numel / max(total, 1):.1f}%)  state {_human(state)}B (fp32)")
     opts = ", ".join(f"{k}={_fmt(v)}" for k, v in plan.options.items())
-    return "\n".join([header, *lines, "totals:", *footer, f"options: {opts}"])
+    if invariant:
+        numel = sum(e.numel for e in invariant)
+        footer.append(f"  scale-invariant {len(invariant)} tensors  {_human(numel)} params "
+                      f"({100 * numel / max(total, 1):.1f}%): the loss ignores their scale (per block of rows)")
+    notes = [f"note: {n}" for n in getattr(plan, "notes", ())]
+    return "\n".join([header, *lines, "totals:", *footer, f"options: {opts}", *notes])

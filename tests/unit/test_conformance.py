@@ -36,6 +36,11 @@ CASES = {
     "blockwise_adam": (dict(lr=1e-2, overrides={"attn_q": {"block": "head"}, "attn_k": {"block": "head"},
                                                 "attn_v": {"block": "tensor"}}),
                        dict(block="column"), r"'block': invalid value 'column'; expected one of \['row', 'head'"),
+    # Fixed-norm steps on every matrix: per-head blocks on q and the rotational-equilibrium mode on k.
+    "spherical": (dict(lr=0.05, adamw_lr=1e-3, compute_dtype="float32",
+                       overrides={"attn_q": {"block_rows": 8},
+                                  "attn_k": {"mode": "equilibrium", "weight_decay": 0.1}}),
+                  dict(mode="sideways"), r"'mode': invalid value 'sideways'; expected one of \['hyperball', 'equi"),
 }
 
 

@@ -1,0 +1,201 @@
+"""Spherical updates: each scale-invariant block of a weight moves on the sphere of its own norm.
+
+A weight that feeds a normalization (``roles.scale_invariance``) has a loss that ignores its scale,
+so only its direction matters. Weight decay then only steers the effective step size η/‖w‖²
+towards an equilibrium. The spherical rule drops that indirection: it keeps ‖w_b‖ of every block b
+(the whole matrix, or one head's rows under per-head QK-norm) fixed at its initial value, takes no
+weight decay, and sets the step by an angle directly. Two modes:
+
+* ``"hyperball"`` (REFERENCES.md §3): w_b ← r_b·normalize(w_b − η·r_b·ô_b) with r_b = ‖w_b‖ and
+  ô_b the block's unit direction; the block turns by atan(η) when ô_b ⊥ w_b;
+* ``"equilibrium"`` (rotational equilibrium, Kosson et al. 2024): the geodesic step that turns each
+  block by exactly θ = the angle the base optimizer (``equilibrium_of``, with this rule's ``lr``,
+  ``weight_decay``, ``momentum``) reaches at equilibrium (``update.equilibrium``): the equilibrium
+  from the first step, and LR schedules act on θ through η as they would on the base optimizer:
+      t_b = −ô_b + ⟨ô_b, ŵ_b⟩·ŵ_b,   w_b ← cos θ·w_b + sin θ·r_b·t_b/‖t_b‖.
+
+The direction is the momentum (EMA, Nesterov optional), orthogonalized by Newton–Schulz on the whole
+matrix when ``direction="muon"`` (then cut into blocks), as is with ``direction="momentum"``.
+
+Needs (DESIGN.md): *reductions*. ``transform`` sees complete matrices and normalizes each block of
+the direction (exact); ``apply`` needs ‖w_b‖ and ⟨ô_b, w_b⟩, per-block sums over the parameter.
+They are exact here when ``apply`` gets the complete parameter (one process, DDP); a sharding
+engine all-reduces the per-block partial sums of :func:`block_sums` instead.
+
+Blocks in the stored layout: for matrix views that are not transposed, a block of r rows of every
+[fan_out, fan_in] matrix is a contiguous run of r·fan_in stored elements, so ``apply`` sees blocks as
+``param.reshape(-1, r·fan_in)`` without knowing the structure. A transposed layout (GPT-2 Conv1D)
+is supported for whole-matrix blocks only; the plan refuses row blocks there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .equilibrium import equilibrium_angle
+from .kernel import HParams, MatrixBatch, MatrixKernel, resolve_dtype, zeros_state
+from .muon import momentum_direction_
+from .newton_schulz import newton_schulz, newton_schulz_reference
+
+DIRECTIONS = ("muon", "momentum")
+MODES = ("hyperball", "equilibrium")
+
+
+def normalize_row_blocks(mats: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """[N, m, n] with each block of ``block_rows`` rows (0: the whole matrix) scaled to unit Frobenius
+    norm; zero blocks stay zero."""
+    n_mats, rows, cols = mats.shape
+    size = block_rows or rows
+    flat = mats.reshape(n_mats * (rows // size), size * cols)
+    norms = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+    unit = torch.where(norms > 0, flat / norms.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return unit.reshape(n_mats, rows, cols)
+
+
+def block_sums(w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖w_b‖², ⟨u_b, w_b⟩) per block of [blocks, block_numel] tensors: the statistics ``apply`` needs
+    (partial sums over shards add up to them)."""
+    return (w * w).sum(dim=1), (u * w).sum(dim=1)
+
+
+def hyperball_step(w: torch.Tensor, unit: torch.Tensor, lr: float) -> torch.Tensor:
+    """w_b ← r_b·normalize(w_b − lr·r_b·unit_b), per row of [blocks, block_numel]."""
+    sq, dot = block_sums(w, unit)
+    r = sq.sqrt()[:, None]
+    moved = w - lr * r * unit
+    # ‖moved‖² from the block sums (‖unit_b‖ is 1 or 0) keeps the reduction count at two.
+    unit_sq = (unit * unit).sum(dim=1)
+    moved_sq = (sq - 2.0 * lr * r[:, 0] * dot + (lr * r[:, 0]) ** 2 * unit_sq).clamp_min(0.0)
+    scale = torch.where(moved_sq > 0, r[:, 0] / moved_sq.sqrt().clamp_min(torch.finfo(w.dtype).tiny),
+                        torch.ones_like(moved_sq))
+    return moved * scale[:, None]
+
+
+def geodesic_step(w: torch.Tensor, unit: torch.Tensor, theta: float) -> torch.Tensor:
+    """Turn each block of w by exactly ``theta`` towards −unit within the sphere of its norm."""
+    sq, dot = block_sums(w, unit)
+    r = sq.sqrt()
+    inv_r = torch.where(r > 0, 1.0 / r.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(r))
+    # tangent t = −u + ⟨u, ŵ⟩ŵ;  ‖t‖² = ‖u‖² − ⟨u, ŵ⟩²
+    tangent = -unit + (dot * inv_r * inv_r)[:, None] * w
+    t_norm = torch.linalg.vector_norm(tangent, dim=1)
+    step = torch.where(t_norm > 0, math.sin(theta) * r / t_norm.clamp_min(torch.finfo(w.dtype).tiny),
+                       torch.zeros_like(t_norm))
+    cos = torch.where(t_norm > 0, torch.full_like(t_norm, math.cos(theta)), torch.ones_like(t_norm))
+    return cos[:, None] * w + step[:, None] * tangent
+
+
+def step_angle(hp: HParams) -> float:
+    """The angle parameter of this step: η for the hyperball, θ for the equilibrium mode."""
+    if hp["mode"] == "hyperball":
+        return hp["lr"]
+    return equilibrium_angle(hp["equilibrium_of"], hp["lr"], hp["weight_decay"], hp["momentum"])
+
+
+def predicted_angle(hp: HParams) -> float:
+    """Angle per step the rule produces when the direction is orthogonal to w (the monitor's prediction)."""
+    return math.atan(hp["lr"]) if hp["mode"] == "hyperball" else step_angle(hp)
+
+
+def validate_spherical_hparams(hp: HParams, where: str) -> None:
+    """Cross-checks the per-value converters cannot make."""
+    if hp.get("mode", "hyperball") == "hyperball" and hp.get("weight_decay", 0.0) != 0.0:
+        raise ValueError(f"{where}: rule 'spherical' keeps each block's norm fixed and takes no weight decay, "
+                         f"got weight_decay={hp['weight_decay']}; weight_decay only sets the angle of "
+                         "mode='equilibrium' (set weight_decay=0, or mode='equilibrium')")
+    if hp.get("mode") == "equilibrium" and hp.get("weight_decay", 0.0) == 0.0:
+        raise ValueError(f"{where}: rule 'spherical' with mode='equilibrium' turns by √(2·lr·weight_decay·…) per "
+                         "step, which is 0 with weight_decay=0: give the base optimizer's weight_decay (> 0)")
+
+
+class SphericalKernel(MatrixKernel):
+    needs = "reductions"
+    transform_keys = ("direction", "ns_steps", "ns_coefficients", "compute_dtype", "block_rows")
+    local_state_keys = ("momentum_buffer",)
+
+    def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
+        return {"momentum_buffer": zeros_state(param)}
+
+    def validate_hparams(self, hp: HParams, where: str) -> None:
+        """Called by the plan after conversion (see ``validate_spherical_hparams``)."""
+        validate_spherical_hparams(hp, where)
+
+    def prepare(self, param, grad, state, hp):
+        return momentum_direction_(state["momentum_buffer"], grad, hp["momentum"], hp["nesterov"])
+
+    def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
+        data = batch.data
+        if hp["direction"] == "muon":
+            direction = newton_schulz(data, hp["ns_steps"], hp["ns_coefficients"],
+                                      resolve_dtype(hp["compute_dtype"], data.device))
+        else:
+            direction = data
+        work = torch.float64 if data.dtype == torch.float64 else torch.float32
+        return normalize_row_blocks(direction.to(work), _checked_rows(hp["block_rows"], data.shape[1]))
+
+    def apply(self, param, update, state, hp, fan_out, fan_in):
+        angle = step_angle(hp)
+        if angle == 0.0:
+            return  # lr 0 leaves the parameter bit-identical (torch.distributed.checkpoint's init step)
+        chunk = _checked_rows(hp["block_rows"], fan_out) * fan_in if hp["block_rows"] else fan_out * fan_in
+        if param.numel() % (fan_out * fan_in):
+            raise ValueError(f"rule 'spherical' needs the complete parameter in apply (per-block norms); got a "
+                             f"piece of {param.numel()} elements of [{fan_out}, {fan_in}] matrices")
+        work = torch.float64 if param.dtype == torch.float64 else torch.float32
+        w = param.detach().to(work).reshape(-1, chunk)
+        if bool((w.abs().amax(dim=1) == 0).any()):
+            raise ValueError(f"rule 'spherical': a block of a parameter of shape {tuple(param.shape)} has zero "
+                             "norm and could never move on its sphere; initialise it non-zero or route it to "
+                             "another rule with an override")
+        unit = update.to(work).reshape(-1, chunk)
+        if hp["mode"] == "hyperball":
+            new = hyperball_step(w, unit, angle)
+        else:
+            new = geodesic_step(w, unit, angle)
+        param.copy_(new.reshape(param.shape).to(param.dtype))
+
+
+def _checked_rows(block_rows: int, rows: int) -> int:
+    if block_rows and rows % block_rows:
+        raise ValueError(f"rule 'spherical': block_rows={block_rows} does not divide the matrix's {rows} rows")
+    return block_rows or rows
+
+
+def spherical_reference_step(
+    W: torch.Tensor, G: torch.Tensor, B: torch.Tensor, *, lr: float, momentum: float, nesterov: bool,
+    direction: str, ns_steps: int, ns_coefficients: str, block_rows: int, mode: str,
+    weight_decay: float = 0.0, equilibrium_of: str = "muon",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One spherical step on a single [fan_out, fan_in] matrix, written plainly in float64, block by block.
+
+    Returns (new W, new momentum buffer); inputs are not modified.
+    """
+    W, G, B = (t.to(torch.float64) for t in (W, G, B))
+    B = momentum * B + (1.0 - momentum) * G
+    D = G + momentum * (B - G) if nesterov else B
+    O = newton_schulz_reference(D, ns_steps, ns_coefficients) if direction == "muon" else D
+    rows = block_rows or W.shape[0]
+    hp = {"mode": mode, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+          "equilibrium_of": equilibrium_of}
+    angle = step_angle(hp)
+    out = W.clone()
+    if angle == 0.0:
+        return out, B
+    for start in range(0, W.shape[0], rows):
+        w = W[start:start + rows]
+        o = O[start:start + rows]
+        r = torch.linalg.norm(w)
+        o_norm = torch.linalg.norm(o)
+        if o_norm == 0:
+            continue
+        u = o / o_norm
+        if mode == "hyperball":
+            moved = w - lr * r * u
+            out[start:start + rows] = r * moved / torch.linalg.norm(moved)
+        else:
+            w_hat = w / r
+            t = -u + (u * w_hat).sum() * w_hat
+            out[start:start + rows] = math.cos(angle) * w + math.sin(angle) * r * t / torch.linalg.norm(t)
+    return out, B
