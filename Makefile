@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# the quickstart recipe: default plan vs AdamW, report + plot under runs/quickstart/
 quickstart: $(STAMP)
-	$(VENV)/bin/archopt quickstart
+	$(VENV)/bin/archopt run recipes/quickstart.yaml
 
 # pytest exits 5 when it collects no tests; that is a failure here, like any non-zero code.
 test: $(STAMP)

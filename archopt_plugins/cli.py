@@ -4,19 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-
-def _quickstart(args: argparse.Namespace) -> int:
-    import torch
-
-    from .recipe.quickstart import run_quickstart
-    from .recipe.training import TrainConfig
-
-    torch.set_num_threads(args.threads) if args.threads else None
-    cfg = TrainConfig(steps=args.steps, seed=args.seed)
-    run_quickstart(Path(args.out), cfg)
-    return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -32,12 +19,9 @@ def _plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="archopt", description="architecture-aware optimizers: plans, runs, reports")
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="train a small Llama on the stdlib corpus with the default plan and AdamW")
-    q.add_argument("--steps", type=int, default=300)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", default="runs/quickstart", help="folder for loss.png, summary.txt, histories.json")
-    q.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    q.set_defaults(func=_quickstart)
+    from .recipe.commands import add_recipe_commands  # `archopt validate|run|slurm RECIPE`
+
+    add_recipe_commands(sub)
     p = sub.add_parser("plan", help="print the plan of a named optimizer for the quickstart model")
     p.add_argument("name", nargs="?", default="muon")
     p.set_defaults(func=_plan)

@@ -1,8 +1,8 @@
 """A small single-process pretraining loop: model from a config, byte corpus, one optimizer.
 
-Used by ``archopt quickstart`` (and grown by the recipes pipeline). Deterministic for a seed: the
-model init, the batch order and the evaluation batches depend only on it, so two optimizers
-trained with the same seed see the same data in the same order.
+Used by ``archopt plan`` and callers that want a quick model (recipes run through ``runner.py``).
+Deterministic for a seed: the model init, the batch order and the evaluation batches depend only
+on it, so two optimizers trained with the same seed see the same data in the same order.
 """
 
 from __future__ import annotations
