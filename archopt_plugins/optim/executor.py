@@ -50,8 +50,9 @@ class LocalExecutor:
         for batch in matrix_batches:
             for job in batch.jobs:
                 direction = batch.kernel.prepare(job.param, job.grad, job.state, job.hp)
+                param = job.param if batch.kernel.transform_needs_param else None
                 items.append(Complete(job.fqn, batch.kernel, batch.rule, direction, job.structure, job.hp,
-                                      job.state, int(job.state["step"])))
+                                      job.state, int(job.state["step"]), param))
                 jobs.append((batch, job))
         for (batch, job), update in zip(jobs, transform_complete(items)):
             _, fan_out, fan_in = matrix_shape(job.shape, job.structure)

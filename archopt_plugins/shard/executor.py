@@ -162,11 +162,17 @@ class ShardedExecutor:
         dtype = resolve_dtype(self.comm_dtype, device)
         complete = gather(plan, self.layouts, directions, dtype, self.group, stats)
         by_fqn = {job.fqn: (batch, job) for batch, job in jobs}
+        # Kernels that read W itself on the owner get the parameters gathered too (full precision).
+        wanting = tuple(f for f in fqns if by_fqn[f][0].kernel.transform_needs_param)
+        values = {}
+        if wanting:
+            pieces = {f: local_tensor(by_fqn[f][1].param) for f in wanting}
+            values = gather(self._plan_for(wanting), self.layouts, pieces, torch.float32, self.group, stats)
         items = []
         for fqn in plan.computes:
             batch, job = by_fqn[fqn]
             items.append(Complete(fqn, batch.kernel, batch.rule, complete[fqn], job.structure, job.hp,
-                                  self.owner_states.setdefault(fqn, {}), int(job.state["step"])))
+                                  self.owner_states.setdefault(fqn, {}), int(job.state["step"]), values.get(fqn)))
         start = time.perf_counter()
         results = dict(zip(plan.computes, transform_complete(items)))
         self.last_transform_seconds = time.perf_counter() - start
@@ -183,8 +189,9 @@ class ShardedExecutor:
             if not isinstance(piece, Block):
                 raise ValueError(f"parameter {job.fqn!r}: sharding='blockwise' needs block-shaped shards, but this "
                                  f"rank holds a flat fragment {piece.describe()}; use sharding='exact'")
+            param = local_tensor(job.param) if batch.kernel.transform_needs_param else None
             items.append(Complete(job.fqn, batch.kernel, batch.rule, directions[job.fqn], job.structure, job.hp,
-                                  self.owner_states.setdefault(job.fqn, {}), int(job.state["step"])))
+                                  self.owner_states.setdefault(job.fqn, {}), int(job.state["step"]), param))
             names.append(job.fqn)
         start = time.perf_counter()
         results = transform_complete(items)

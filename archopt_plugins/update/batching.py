@@ -54,6 +54,7 @@ class Complete:
     hp: dict[str, Any]
     owner_state: dict[str, torch.Tensor]
     step: int
+    param: torch.Tensor | None = None  # complete parameter value, for kernels with transform_needs_param
 
 
 def transform_complete(items: list[Complete]) -> list[torch.Tensor]:
@@ -69,7 +70,10 @@ def transform_complete(items: list[Complete]) -> list[torch.Tensor]:
         first = items[indices[0]]
         data = torch.cat([views[i] for i in indices], dim=0) if len(indices) > 1 else views[indices[0]]
         segments = [Segment(items[i].fqn, views[i].shape[0], items[i].owner_state, items[i].step) for i in indices]
-        batch = MatrixBatch(data, segments)
+        params = None
+        if first.kernel.transform_needs_param:
+            params = torch.cat([to_matrices(items[i].param, items[i].structure) for i in indices], dim=0)
+        batch = MatrixBatch(data, segments, params)
         for i, piece in zip(indices, batch.split(first.kernel.transform(batch, first.hp))):
             results[i] = from_matrices(piece, items[i].structure, items[i].tensor.shape)
     return results  # type: ignore[return-value]

@@ -108,6 +108,9 @@ class MatrixBatch:
 
     data: torch.Tensor
     segments: list[Segment]
+    # The parameters' own complete matrices, aligned with ``data``; only for kernels that set
+    # ``transform_needs_param`` (e.g. a spherical update needs ‖W‖ and W itself on the owner).
+    params: torch.Tensor | None = None
 
     def split(self, t: torch.Tensor) -> list[torch.Tensor]:
         """``t`` (leading dim N) cut into one piece per segment."""
@@ -124,6 +127,17 @@ class MatrixKernel(Kernel):
 
     needs: Needs = "whole_matrix"
     transform_keys: tuple[str, ...] = ()  # hyperparameters ``transform`` reads (batches must agree on them)
+    # When True the executor also brings each parameter's complete value to ``transform``
+    # (``MatrixBatch.params``); costs one more gather in sharded runs.
+    transform_needs_param: bool = False
+
+    def cost(self, count: int, fan_out: int, fan_in: int) -> float:
+        """Relative compute of ``transform`` on ``count`` matrices (owner load balancing).
+
+        Default: Newton–Schulz's matmuls, ~ count·m·n·min(m, n). Eigendecomposition-based rules
+        override with ~ count·(m³ + n³).
+        """
+        return float(count) * fan_out * fan_in * min(fan_out, fan_in)
 
     @abstractmethod
     def prepare(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
