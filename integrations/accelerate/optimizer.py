@@ -10,11 +10,14 @@ Accelerate setups where the optimizer would be ignored or run the wrong math:
 
 * DeepSpeed with an ``"optimizer"`` block in its config: DeepSpeed would build that one and drop
   archopt's silently; remove the block (or don't pass archopt's optimizer);
-* DeepSpeed without one, and FSDP: the matrix rules need whole matrices, which the DeepSpeed
-  adapter and the sharding engine provide; neither is available in this version yet.
+* DeepSpeed without one: ZeRO's flat partitions need the DeepSpeed adapter, not available in
+  this version yet;
+* FSDP1: flat parameters without matrix structure.
 
 DDP (``accelerate launch --multi_gpu``, also on CPU) needs nothing: gradients arrive averaged and
-every rank applies the same update. ``accelerator.save_state`` / ``load_state`` checkpoint the
+every rank applies the same update. FSDP2 swaps the parameters for ``Shard(0)`` DTensors after
+``prepare``; the optimizer's state is created at the first step, when the sharding engine also
+discovers the layout and gathers each matrix to its owner (exact updates). ``accelerator.save_state`` / ``load_state`` checkpoint the
 optimizer through its ``state_dict`` like any other.
 """
 
@@ -50,10 +53,11 @@ def check_accelerator(accelerator: Any, name: str) -> None:
             "optimizer on flat partitions that the DeepSpeed adapter (not available in this version) must map "
             "back to matrices. Use DDP (accelerate launch --multi_gpu) or DeepSpeed's own optimizer")
     if kind == "FSDP":
-        raise ValueError(
-            f"archopt optimizer {name!r} under Accelerate's FSDP plugin is not supported yet: whole-matrix rules "
-            "on sharded parameters need archopt's sharding engine, not available in this version. "
-            "Use DDP (accelerate launch --multi_gpu)")
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        if int(getattr(plugin, "fsdp_version", 2) or 2) == 1:
+            raise ValueError(
+                f"archopt optimizer {name!r} under FSDP1 is not supported: FSDP1 hands the optimizer flat "
+                "parameters whose matrix structure is lost. Use FSDP2 (fsdp_version: 2)")
 
 
 def build_optimizer(accelerator: Any, model: nn.Module, name: str = "muon", log_plan: bool = True,

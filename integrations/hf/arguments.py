@@ -11,7 +11,7 @@ model has loaded.
 A value must have exactly one source: a key that a Trainer flag already sets is refused in
 ``--optim_args`` with a message naming the flag.
 
-It also inspects the stack the arguments select (DeepSpeed config, FSDP) and refuses the
+It also inspects the stack the arguments select (DeepSpeed config, FSDP version) and refuses the
 combinations that would otherwise run silently wrong (see ``check_stack``).
 """
 
@@ -191,6 +191,17 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
+def _fsdp_version(args: Any) -> int | None:
+    """The FSDP version the arguments select (None: no FSDP); transformers' default is 2."""
+    if not getattr(args, "fsdp", None) and not _env_flag("ACCELERATE_USE_FSDP"):
+        return None
+    config = getattr(args, "fsdp_config", None) or {}
+    if isinstance(config, str):
+        config = json.loads(Path(config).read_text())
+    version = config.get("version", config.get("fsdp_version", os.environ.get("FSDP_VERSION", 2)))
+    return int(version)
+
+
 def check_stack(args: Any) -> None:
     """Refuse stacks where ``--optim archopt_*`` would be ignored or run the wrong math.
 
@@ -199,7 +210,8 @@ def check_stack(args: Any) -> None:
     conflict is an error, resolved by removing one of them. (A ds_config ``"scheduler"`` block is
     unaffected.) Without an ``"optimizer"`` block archopt builds the optimizer, which under ZeRO
     needs the DeepSpeed adapter to map flat partitions back to matrices; until it is installed
-    that is an error too, as is FSDP before the sharding engine serves it.
+    that is an error too. FSDP2 (transformers' default FSDP) is served by the sharding engine;
+    FSDP1's flat parameters are refused.
     """
     if not is_archopt(args.optim):
         return
@@ -217,8 +229,7 @@ def check_stack(args: Any) -> None:
             "partitions, which archopt's matrix rules must map back to whole matrices (the DeepSpeed "
             "adapter, archopt_plugins.integrations.deepspeed, is not available in this version). "
             "Train without --deepspeed, or use DeepSpeed's own optimizer")
-    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
+    if _fsdp_version(args) == 1:
         raise ValueError(
-            f"--optim {value} with FSDP is not supported yet: whole-matrix rules on Shard(0) DTensors need "
-            "archopt's sharding engine (archopt_plugins.shard), not available in this version. Train with "
-            "DDP (accelerate launch --multi_gpu) instead")
+            f"--optim {value} with FSDP1 (fsdp_config version 1) is not supported: FSDP1 hands the optimizer "
+            "flat parameters whose matrix structure is lost. Use FSDP2 (fsdp_config version 2, the default)")

@@ -1,5 +1,5 @@
 """archopt in a plain Accelerate loop: same steps as without Accelerate, exact save/load_state resume,
-and loud refusals of the DeepSpeed/FSDP plugins (config inspection; those runs come with their issues)."""
+and loud refusals of the DeepSpeed plugin and FSDP1 (config inspection; the DeepSpeed runs come with its adapter)."""
 
 from types import SimpleNamespace
 
@@ -56,9 +56,10 @@ def test_accelerate_loop_matches_plain_loop_and_resumes_exactly(tmp_path, capsys
         assert torch.equal(a, b), name
 
 
-def _fake(kind, ds_config=None):
+def _fake(kind, ds_config=None, fsdp_version=2):
     return SimpleNamespace(distributed_type=kind,
-                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config or {})))
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config or {}),
+                                                 fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version)))
 
 
 def test_accelerate_plugins_that_would_drop_or_break_the_optimizer_are_refused():
@@ -66,6 +67,7 @@ def test_accelerate_plugins_that_would_drop_or_break_the_optimizer_are_refused()
         check_accelerator(_fake("DEEPSPEED", {"optimizer": {"type": "AdamW"}}), "muon")
     with pytest.raises(ValueError, match=r"DeepSpeed plugin is not supported yet"):
         check_accelerator(_fake("DEEPSPEED", {"zero_optimization": {"stage": 2}}), "muon")
-    with pytest.raises(ValueError, match=r"FSDP plugin is not supported yet"):
-        check_accelerator(_fake("FSDP"), "muon")
+    with pytest.raises(ValueError, match=r"under FSDP1 is not supported"):
+        check_accelerator(_fake("FSDP", fsdp_version=1), "muon")
+    check_accelerator(_fake("FSDP"), "muon")  # FSDP2: the sharding engine (tests/integrations/test_hf_fsdp2.py)
     check_accelerator(_fake("MULTI_CPU"), "muon")  # DDP needs nothing

@@ -142,7 +142,7 @@ def test_version_check_refuses_other_transformers_versions():
             check_transformers_version(version)
 
 
-# -- the stack: DeepSpeed precedence, FSDP ---------------------------------------------------------------
+# -- the stack: DeepSpeed precedence, FSDP1 ---------------------------------------------------------------
 
 DS_WITH_OPTIMIZER = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
@@ -165,8 +165,11 @@ def test_ds_config_optimizer_block_and_archopt_optim_conflict_loudly(tmp_path, r
         no_block = {k: v for k, v in DS_WITH_OPTIMIZER.items() if k != "optimizer"}
         with pytest.raises(ValueError, match=r"with DeepSpeed is not supported yet"):
             make(output_dir=str(tmp_path), optim="archopt_muon", deepspeed=no_block, report_to="none")
-        with pytest.raises(ValueError, match=r"with FSDP is not supported yet"):
-            make(output_dir=str(tmp_path), optim="archopt_muon", fsdp=True, report_to="none")
+        with pytest.raises(ValueError, match=r"with FSDP1 \(fsdp_config version 1\) is not supported"):
+            make(output_dir=str(tmp_path), optim="archopt_muon", fsdp=True, fsdp_config={"version": 1},
+                 report_to="none")
+        fsdp2 = make(output_dir=str(tmp_path), optim="archopt_muon", fsdp=True, report_to="none")  # the engine's
+        assert fsdp2.fsdp is True
     finally:
         disable()
 
