@@ -17,15 +17,11 @@ weight decay, and sets the step by an angle directly. Two modes:
 The direction is the momentum (EMA, Nesterov optional), orthogonalized by Newton–Schulz on the whole
 matrix when ``direction="muon"`` (then cut into blocks), as is with ``direction="momentum"``.
 
-Needs (DESIGN.md): *reductions*. ``transform`` sees complete matrices and normalizes each block of
-the direction (exact); ``apply`` needs ‖w_b‖ and ⟨ô_b, w_b⟩, per-block sums over the parameter.
-They are exact here when ``apply`` gets the complete parameter (one process, DDP); a sharding
-engine all-reduces the per-block partial sums of :func:`block_sums` instead.
-
-Blocks in the stored layout: for matrix views that are not transposed, a block of r rows of every
-[fan_out, fan_in] matrix is a contiguous run of r·fan_in stored elements, so ``apply`` sees blocks as
-``param.reshape(-1, r·fan_in)`` without knowing the structure. A transposed layout (GPT-2 Conv1D)
-is supported for whole-matrix blocks only; the plan refuses row blocks there.
+Needs (DESIGN.md): *reductions* — per-block ‖w_b‖ and ⟨ô_b, w_b⟩ beside the direction. The kernel
+asks the executor for the complete parameter in ``transform`` (``transform_needs_param``), computes
+the new weight there on complete matrices (exact: one process, or the owner rank of a sharded
+run), and returns the difference; ``apply`` adds it to the local piece. Blocks are rows of the
+matrix view, so stored layouts ([in, out], conv kernels, stacked experts) need nothing special.
 """
 
 from __future__ import annotations
@@ -112,7 +108,9 @@ def validate_spherical_hparams(hp: HParams, where: str) -> None:
 
 class SphericalKernel(MatrixKernel):
     needs = "reductions"
-    transform_keys = ("direction", "ns_steps", "ns_coefficients", "compute_dtype", "block_rows")
+    transform_needs_param = True
+    transform_keys = ("direction", "ns_steps", "ns_coefficients", "compute_dtype", "block_rows", "mode", "lr",
+                      "weight_decay", "momentum", "equilibrium_of")
     local_state_keys = ("momentum_buffer",)
 
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
@@ -126,35 +124,49 @@ class SphericalKernel(MatrixKernel):
         return momentum_direction_(state["momentum_buffer"], grad, hp["momentum"], hp["nesterov"])
 
     def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
+        """New weight − old weight for complete matrices [N, m, n] (the difference ``apply`` adds)."""
         data = batch.data
+        work = torch.float64 if data.dtype == torch.float64 else torch.float32
+        angle = step_angle(hp)
+        if angle == 0.0:
+            return torch.zeros(data.shape, dtype=work, device=data.device)  # lr 0: the weight stays bit-identical
+        if batch.params is None:
+            raise ValueError("rule 'spherical' needs each complete parameter in transform (per-block ‖W‖); this "
+                             "executor did not bring it (MatrixKernel.transform_needs_param)")
+        n_mats, rows, cols = data.shape
+        size = _checked_rows(hp["block_rows"], rows)
         if hp["direction"] == "muon":
             direction = newton_schulz(data, hp["ns_steps"], hp["ns_coefficients"],
                                       resolve_dtype(hp["compute_dtype"], data.device))
         else:
             direction = data
-        work = torch.float64 if data.dtype == torch.float64 else torch.float32
-        return normalize_row_blocks(direction.to(work), _checked_rows(hp["block_rows"], data.shape[1]))
+        unit = normalize_row_blocks(direction.to(work), size).reshape(-1, size * cols)
+        w = batch.params.to(work).reshape(-1, size * cols)
+        _refuse_zero_blocks(w, batch, rows // size, size)
+        new = hyperball_step(w, unit, angle) if hp["mode"] == "hyperball" else geodesic_step(w, unit, angle)
+        return (new - w).reshape(n_mats, rows, cols)
 
     def apply(self, param, update, state, hp, fan_out, fan_in):
-        angle = step_angle(hp)
-        if angle == 0.0:
-            return  # lr 0 leaves the parameter bit-identical (torch.distributed.checkpoint's init step)
-        chunk = _checked_rows(hp["block_rows"], fan_out) * fan_in if hp["block_rows"] else fan_out * fan_in
-        if param.numel() % (fan_out * fan_in):
-            raise ValueError(f"rule 'spherical' needs the complete parameter in apply (per-block norms); got a "
-                             f"piece of {param.numel()} elements of [{fan_out}, {fan_in}] matrices")
-        work = torch.float64 if param.dtype == torch.float64 else torch.float32
-        w = param.detach().to(work).reshape(-1, chunk)
-        if bool((w.abs().amax(dim=1) == 0).any()):
-            raise ValueError(f"rule 'spherical': a block of a parameter of shape {tuple(param.shape)} has zero "
-                             "norm and could never move on its sphere; initialise it non-zero or route it to "
-                             "another rule with an override")
-        unit = update.to(work).reshape(-1, chunk)
-        if hp["mode"] == "hyperball":
-            new = hyperball_step(w, unit, angle)
+        if step_angle(hp) == 0.0:
+            return
+        if param.dtype in (torch.float32, torch.float64):
+            param.add_(update.to(param.dtype))
         else:
-            new = geodesic_step(w, unit, angle)
-        param.copy_(new.reshape(param.shape).to(param.dtype))
+            param.copy_(param.float() + update.float())
+
+
+def _refuse_zero_blocks(w: torch.Tensor, batch: MatrixBatch, blocks_per_matrix: int, size: int) -> None:
+    zero = w.abs().amax(dim=1) == 0
+    if bool(zero.any()):
+        first = int(zero.nonzero()[0])
+        matrix = first // blocks_per_matrix
+        for seg in batch.segments:
+            if matrix < seg.count:
+                break
+            matrix -= seg.count
+        raise ValueError(f"parameter {seg.fqn!r}: rule 'spherical' keeps each block's norm fixed, and a block of "
+                         f"{size} rows is zero, so it could never move; initialise it non-zero, or route it to "
+                         "another rule with an override")
 
 
 def _checked_rows(block_rows: int, rows: int) -> int:

@@ -116,3 +116,31 @@ def test_loud_errors():
         zero.proj.weight[4:8] = 0
     with pytest.raises(ValueError, match=r"parameter 'proj.weight'.*1 block\(s\) of 4 rows are zero.*route it"):
         build_optimizer(zero, "spherical", block_rows=4)
+
+
+def test_blocks_are_rows_of_the_matrix_view_even_for_a_transposed_layout():
+    from tiny_models import causal_lm_loss, tiny_gpt2
+
+    from archopt_plugins.roles.types import ParamStructure
+
+    model = tiny_gpt2()  # GPT-2's Conv1D stores [in, out]: c_attn is [32, 96] holding q, k, v heads of 8 rows
+    opt = build_optimizer(model, "spherical", compute_dtype="float32", lr=0.1,
+                          overrides={"attn_qkv": {"block_rows": 8}})
+    w = model.transformer.h[0].attn.c_attn.weight
+    view = ParamStructure(transposed=True)
+    norms = torch.linalg.vector_norm(blocks(w, view, 8), dim=1)
+    for i in range(2):
+        causal_lm_loss(model, seed=i).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.allclose(torch.linalg.vector_norm(blocks(w, view, 8), dim=1), norms, rtol=1e-5)
+
+
+def test_a_block_zeroed_after_planning_is_refused_at_the_step_naming_the_parameter():
+    model = OneMatrix()
+    opt = build_optimizer(model, "spherical", block_rows=4)
+    with torch.no_grad():
+        model.proj.weight[:4] = 0
+    model.proj.weight.grad = torch.randn(16, 12)
+    with pytest.raises(ValueError, match=r"parameter 'proj.weight': rule 'spherical' keeps each block's norm fixed"):
+        opt.step()
