@@ -30,9 +30,6 @@ from .megatron_indexed import read_indexed_dataset
 from .schema import Recipe
 from .tokenizer import BPETokenizer, ByteTokenizer
 
-EVAL_SEED_OFFSET = 10_000
-
-
 @dataclass
 class TokenData:
     train: torch.Tensor  # 1-D integer ids (uint8 for bytes, int32 otherwise)
@@ -56,9 +53,15 @@ def _windows(stream: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.
     return stream[offsets].long()
 
 
+def _seed32(*parts: object) -> int:
+    """A generator seed from several parts. Hashed to 32 bits: torch's CPU generator keeps only the low
+    32 bits of a seed, so packing (seed << 32) + step would give every seed the same batches."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
+
+
 def train_batch(data: TokenData, seed: int, step: int, global_batch: int, seq_len: int) -> torch.Tensor:
     """[global_batch, seq_len + 1] ids of optimizer step ``step`` (0-based); a function of (seed, step) only."""
-    gen = torch.Generator().manual_seed((seed << 32) + step)
+    gen = torch.Generator().manual_seed(_seed32("train", seed, step))
     starts = torch.randint(0, data.train.numel() - seq_len - 1, (global_batch,), generator=gen)
     return _windows(data.train, starts, seq_len)
 
@@ -66,7 +69,7 @@ def train_batch(data: TokenData, seed: int, step: int, global_batch: int, seq_le
 def eval_batches(data: TokenData, split: str, count: int, batch: int, seq_len: int, seed: int) -> list[torch.Tensor]:
     """The same ``count`` evaluation batches for every run of a seed (and every optimizer)."""
     stream = data.split(split)
-    gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed + zlib.crc32(split.encode()))
+    gen = torch.Generator().manual_seed(_seed32("eval", seed, split))
     high = stream.numel() - seq_len - 1
     return [_windows(stream, torch.randint(0, high, (batch,), generator=gen), seq_len) for _ in range(count)]
 

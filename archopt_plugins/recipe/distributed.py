@@ -75,8 +75,23 @@ def init_distributed(recipe: Recipe) -> DistContext:
         backend = recipe.backend.dist_backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, store=_attempt_store(rank, world, restarts), rank=rank,
+                                world_size=world)
     return DistContext(rank, world, local_rank, device, restarts)
+
+
+def _attempt_store(rank: int, world: int, restarts: int) -> dist.Store:
+    """The rendezvous store torchrun set up, under a prefix of its own for this restart attempt.
+
+    Under c10d rendezvous the workers of every attempt share the agent's store, and a restarted
+    group's gloo mesh then reads the dead workers' addresses ("Connection refused" in
+    connectFullMesh) when its peer has not yet overwritten them. A per-attempt prefix keeps each
+    attempt's keys apart.
+    """
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not use_agent_store and rank == 0)
+    return dist.PrefixStore(f"archopt/attempt{restarts}", store)
 
 
 def shutdown_distributed() -> None:

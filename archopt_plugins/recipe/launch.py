@@ -16,6 +16,7 @@ thing — then:
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -30,8 +31,10 @@ WORKER_MODULE = "archopt_plugins.recipe.worker"
 def write_resolved(recipe: Recipe, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "recipe.yaml"
-    path.write_text("# resolved by archopt: every default written out; the workers read this file\n"
-                    + recipe_to_yaml(recipe))
+    tmp = out_dir / f".recipe.yaml.{os.getpid()}"
+    tmp.write_text("# resolved by archopt: every default written out; the workers read this file\n"
+                   + recipe_to_yaml(recipe))
+    os.replace(tmp, path)  # each node's launcher writes it: never let a worker read half a file
     return path
 
 
@@ -46,9 +49,11 @@ def torchrun_args(recipe: Recipe, node_rank: int | None = None, python: str | No
     common = [f"--nproc-per-node={launch.nproc_per_node}", f"--max-restarts={launch.max_restarts}"]
     if launch.nodes == 1:
         return run + ["--standalone", "--nnodes=1"] + common
-    rank = [] if node_rank is None else [f"--node-rank={node_rank}"]
-    return run + [f"--nnodes={launch.nodes}", *rank, "--rdzv-backend=c10d",
-                  f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={launch.rdzv_id}"] + common
+    # c10d assigns ranks in order of arrival; what a node rank decides is who serves the rendezvous
+    # store (node 0), said explicitly so two "nodes" on one machine do not both try to.
+    host = [] if node_rank is None else [f"--rdzv-conf=is_host={1 if node_rank == 0 else 0}"]
+    return run + [f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                  f"--rdzv-id={launch.rdzv_id}", *host] + common
 
 
 def node_commands(recipe: Recipe, resolved: Path, out_dir: Path, resume: bool) -> list[str]:

@@ -53,8 +53,9 @@ def _fmt(x: float | None, spec: str) -> str:
 def markdown_report(recipe: Recipe, histories: dict[str, RunHistory], plot_name: str = "curves.png") -> str:
     target, best, reach = reach_table(histories)
     ood_names = list(recipe.evaluation.ood)
-    head = ["run", "final train", "final val", *[f"OOD {n}" for n in ood_names], "steps to target",
-            "× steps", "tokens to target", "train s to target", "× wall", "train s total"]
+    reach_head = ["steps to target", "× steps", "tokens to target", "train s to target", "× wall"]
+    head = ["run", "final train", "final val", *[f"OOD {n}" for n in ood_names],
+            *(reach_head if target is not None else []), "train s total"]
     lines = [f"# archopt report: {recipe.name}", "",
              f"{recipe.model.family} model, {recipe.schedule.steps} steps × {recipe.tokens_per_step} tokens, "
              f"{recipe.world_size} process(es) ({recipe.backend.kind}), seed {recipe.seed}.", ""]
@@ -67,11 +68,12 @@ def markdown_report(recipe: Recipe, histories: dict[str, RunHistory], plot_name:
         tail = h.train_loss[-max(1, len(h.train_loss) // 10):]
         r = by_label.get(h.label)
         cells = [h.label, _fmt(sum(tail) / len(tail) if tail else None, ".4f"), _fmt(h.final_val, ".4f"),
-                 *[_fmt(h.ood_loss[n][-1] if h.ood_loss.get(n) else None, ".4f") for n in ood_names],
-                 _fmt(r.steps if r else None, "d"), _fmt(r.step_ratio if r else None, ".2f"),
-                 _fmt(r.tokens if r else None, ",d"), _fmt(r.seconds if r else None, ".1f"),
-                 _fmt(r.seconds_ratio if r else None, ".2f"),
-                 _fmt(h.train_seconds[-1] if h.train_seconds else None, ".1f")]
+                 *[_fmt(h.ood_loss[n][-1] if h.ood_loss.get(n) else None, ".4f") for n in ood_names]]
+        if target is not None:
+            cells += [_fmt(r.steps if r else None, "d"), _fmt(r.step_ratio if r else None, ".2f"),
+                      _fmt(r.tokens if r else None, ",d"), _fmt(r.seconds if r else None, ".1f"),
+                      _fmt(r.seconds_ratio if r else None, ".2f")]
+        cells.append(_fmt(h.train_seconds[-1] if h.train_seconds else None, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "final train: mean of the last 10% of steps; losses in nats per token; training seconds exclude "
               f"evaluation and checkpoints; evaluation every {recipe.evaluation.every_steps} steps on "
