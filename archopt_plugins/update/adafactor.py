@@ -26,7 +26,7 @@ import math
 import torch
 
 from .kernel import HParams, MatrixBatch, MatrixKernel, add_scaled_, zeros_state
-from .owner_state import gather_state, keep_finite_, per_matrix, scatter_state, zero_nonfinite_
+from .owner_state import keep_finite_, spans, state_of, zero_nonfinite_
 
 
 class AdafactorKernel(MatrixKernel):
@@ -63,15 +63,16 @@ class AdafactorKernel(MatrixKernel):
     def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
         G = batch.data.float().contiguous()  # the same layout alone or batched; never modified in place
         N, m, n = G.shape
-        decay = hp["beta2_decay"]
-        beta2 = per_matrix(batch, lambda t: 1.0 - t ** (-decay))
+        decay = hp["beta2_decay"]  # β₂ at step t is 1 − t^(−decay), per parameter, in Python floats
         sq = G * G + hp["eps"]
-        rows = gather_state(batch, "row_sq", (m,), torch.float32)
-        cols = gather_state(batch, "col_sq", (n,), torch.float32)
-        keep_finite_(rows, rows * beta2.view(-1, 1) + (1.0 - beta2).view(-1, 1) * sq.mean(dim=-1))
-        keep_finite_(cols, cols * beta2.view(-1, 1) + (1.0 - beta2).view(-1, 1) * sq.mean(dim=-2))
-        scatter_state(batch, "row_sq", rows)
-        scatter_state(batch, "col_sq", cols)
+        rows, cols = torch.empty(N, m, device=G.device), torch.empty(N, n, device=G.device)
+        row_means, col_means = sq.mean(dim=-1), sq.mean(dim=-2)
+        for seg, a, b in spans(batch):
+            beta2 = 1.0 - seg.step ** (-decay)
+            for key, size, means, out in (("row_sq", m, row_means, rows), ("col_sq", n, col_means, cols)):
+                stat = state_of(seg, key, (size,), torch.float32, G.device)
+                keep_finite_(stat, stat * beta2 + (1.0 - beta2) * means[a:b])
+                out[a:b] = stat
         row_factor = (rows / rows.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
         col_factor = cols.rsqrt().unsqueeze(-2)
         update = G * row_factor * col_factor

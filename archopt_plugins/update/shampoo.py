@@ -31,7 +31,7 @@ from .blocked_kernel import BlockedPreconditionerKernel, compute_dtype_of
 from .blocking import BlockGrid, Sides
 from .kernel import HParams, MatrixBatch, add_scaled_, zeros_state
 from .matrix_roots import inverse_root, inverse_root_reference
-from .owner_state import (gather_state, keep_finite_, per_matrix, scatter_state, warn_decomposition_failed,
+from .owner_state import (gradient_rows_ok, spans, state_of, update_rows_, warn_decomposition_failed,
                           zero_nonfinite_)
 
 GRAFTS = ("adam", "none")
@@ -75,32 +75,35 @@ class ShampooKernel(BlockedPreconditionerKernel):
         N, m, n = G.shape
         grid = self.grid(m, n, hp)
         beta2, ema = hp["betas"][1], hp["statistics"] == "ema"
-        freq = hp["precondition_frequency"]
-        due = per_matrix(batch, lambda t: float((t - 1) % freq == 0)) > 0
-        # EMA bias corrections 1 − β₂ᵗ per matrix (1 for summed statistics)
-        corrections = per_matrix(batch, (lambda t: 1.0 - beta2 ** t) if ema else (lambda t: 1.0), dtype=dtype)
+        # EMA bias corrections 1 − β₂ᵗ per parameter, as Python floats (see owner_state.per_matrix).
+        corrections = {seg.fqn: (1.0 - beta2 ** seg.step) if ema else 1.0 for seg in batch.segments}
+        due = [seg for seg in batch.segments if (seg.step - 1) % hp["precondition_frequency"] == 0]
+        ok = gradient_rows_ok(G)  # None: every matrix's statistics can be updated in place
 
         directions = []
         for cl, g in zip(grid.classes, grid.split(G)):
             block = g  # preconditioned side by side; the statistics use the raw gradient g
-            block_due = due.repeat_interleave(cl.count)
-            block_corrections = corrections.repeat_interleave(cl.count)
             for side, on, size in (("L", cl.left, cl.rows), ("R", cl.right, cl.cols)):
                 if not on:
                     continue
-                key = f"{side}.{cl.key}"
-                stat = gather_state(batch, key, (cl.count, size, size), dtype)
-                flat = stat.view(-1, size, size)
+                key, root_key, shape = f"{side}.{cl.key}", f"{side}_root.{cl.key}", (cl.count, size, size)
                 outer = g @ g.mT if side == "L" else g.mT @ g
-                keep_finite_(flat, beta2 * flat + (1.0 - beta2) * outer if ema else flat + outer)
-                scatter_state(batch, key, stat)
-                root = gather_state(batch, f"{side}_root.{cl.key}", (cl.count, size, size), dtype)
-                flat_root = root.view(-1, size, size)
-                if bool(block_due.any()):
-                    self._recompute_roots(batch, flat, flat_root, block_due, block_corrections, cl.count,
-                                          cl.exponent, hp["matrix_eps"], root_dtype)
-                    scatter_state(batch, f"{side}_root.{cl.key}", root)
-                block = flat_root @ block if side == "L" else block @ flat_root
+                block_ok = None if ok is None else ok.repeat_interleave(cl.count)
+                for seg, a, b in spans(batch, cl.count):
+                    stat = state_of(seg, key, shape, dtype, G.device).view(-1, size, size)
+                    self._accumulate(stat, outer[a:b], beta2, ema, None if ok is None else block_ok[a:b])
+                    state_of(seg, root_key, shape, dtype, G.device)
+                if due:
+                    self._recompute_roots(batch, due, key, root_key, shape, corrections, cl.exponent,
+                                          hp["matrix_eps"], dtype, root_dtype)
+                out = torch.empty_like(block)
+                for seg, a, b in spans(batch, cl.count):
+                    root = seg.owner_state[root_key].view(-1, size, size)
+                    if side == "L":
+                        torch.matmul(root, block[a:b], out=out[a:b])
+                    else:
+                        torch.matmul(block[a:b], root, out=out[a:b])
+                block = out
             directions.append(block)
 
         if hp["graft"] == "adam":
@@ -108,36 +111,44 @@ class ShampooKernel(BlockedPreconditionerKernel):
         update = grid.merge(directions)
         return zero_nonfinite_(update, batch, self.label)
 
-    def _recompute_roots(self, batch, stat, root, due, corrections, blocks_per_matrix, exponent, matrix_eps,
+    @staticmethod
+    def _accumulate(stat, outer, beta2, ema, ok):
+        """L ← β₂·L + (1−β₂)·G·Gᵀ (ema) or L + G·Gᵀ (sum), in place, skipping rows whose G overflowed."""
+        if ema:
+            update_rows_(stat, lambda s: s.lerp(outer, 1.0 - beta2), lambda s: s.lerp_(outer, 1.0 - beta2), ok)
+            return
+        # A sum can overflow even from finite terms: the diagonal (the largest entries) tells.
+        sums_ok = torch.isfinite(stat.diagonal(dim1=-2, dim2=-1) + outer.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
+        update_rows_(stat, lambda s: s + outer, lambda s: s.add_(outer),
+                     None if bool(sums_ok.all()) and ok is None else sums_ok & (True if ok is None else ok))
+
+    def _recompute_roots(self, batch, due, key, root_key, shape, corrections, exponent, matrix_eps, dtype,
                          root_dtype):
-        rows = due.nonzero().flatten()
-        every = rows.numel() == stat.shape[0]
-        chosen = stat if every else stat.index_select(0, rows)
+        size = shape[-1]
         # Bias-correct the EMA so a root does not depend on how many steps the EMA has seen.
-        chosen = chosen / (corrections if every else corrections.index_select(0, rows)).view(-1, 1, 1)
-        new_root, ok = inverse_root(chosen, exponent, matrix_eps, root_dtype)
-        if not bool(ok.all()):
-            full_ok = torch.ones(stat.shape[0], dtype=torch.bool, device=stat.device)
-            full_ok[rows] = ok
-            warn_decomposition_failed(batch, full_ok, blocks_per_matrix, self.label)
-            old = root if every else root.index_select(0, rows)
-            new_root = torch.where(ok.view(-1, 1, 1), new_root, old)
-        if every:
-            root.copy_(new_root)
-        else:
-            root.index_copy_(0, rows, new_root)
+        stats = [seg.owner_state[key].view(-1, size, size) * (1.0 / corrections[seg.fqn]) for seg in due]
+        new_roots, ok = inverse_root(stats[0] if len(stats) == 1 else torch.cat(stats), exponent, matrix_eps,
+                                     root_dtype)
+        sizes = [seg.count * shape[0] for seg in due]
+        failed = []
+        for seg, new_root, seg_ok in zip(due, torch.split(new_roots, sizes), torch.split(ok, sizes)):
+            root = seg.owner_state[root_key].view(-1, size, size)
+            if bool(seg_ok.all()):
+                root.copy_(new_root)
+            else:
+                root.copy_(torch.where(seg_ok.view(-1, 1, 1), new_root.to(dtype), root))
+                failed.append(seg.fqn)
+        if failed:
+            warn_decomposition_failed(failed, self.label)
 
     def _graft(self, batch, G, grid: BlockGrid, directions, corrections, hp, dtype):
-        beta2, eps = hp["betas"][1], hp["eps"]
-        v = gather_state(batch, "graft_sq", tuple(G.shape[1:]), dtype)
-        if hp["statistics"] == "ema":
-            keep_finite_(v, beta2 * v + (1.0 - beta2) * G * G)
-            denom = (v / corrections.view(-1, 1, 1)).sqrt_().add_(eps)
-        else:
-            keep_finite_(v, v + G * G)
-            denom = v.sqrt().add_(eps)
-        scatter_state(batch, "graft_sq", v)
-        adam = G / denom
+        beta2, eps, ema = hp["betas"][1], hp["eps"], hp["statistics"] == "ema"
+        adam, ok = torch.empty_like(G), gradient_rows_ok(G)
+        for seg, a, b in spans(batch):
+            v = state_of(seg, "graft_sq", tuple(G.shape[1:]), dtype, G.device)
+            square = G[a:b] * G[a:b]
+            self._accumulate_elementwise(v, square, beta2, ema, None if ok is None else ok[a:b])
+            torch.div(G[a:b], (v * (1.0 / corrections[seg.fqn])).sqrt_().add_(eps), out=adam[a:b])
         grafted = []
         for direction, adam_block in zip(directions, grid.split(adam)):
             size = torch.linalg.matrix_norm(adam_block, keepdim=True)
@@ -146,6 +157,15 @@ class ShampooKernel(BlockedPreconditionerKernel):
             scale = torch.where(norm > 0, size / norm.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(norm))
             grafted.append(direction * scale)
         return grafted
+
+    @staticmethod
+    def _accumulate_elementwise(v, square, beta2, ema, ok):
+        if ema:
+            update_rows_(v, lambda s: s.lerp(square, 1.0 - beta2), lambda s: s.lerp_(square, 1.0 - beta2), ok)
+        else:  # v ≥ 0, so a finite per-matrix sum means every entry is finite
+            sums_ok = torch.isfinite(v.flatten(1).sum(dim=1) + square.flatten(1).sum(dim=1))
+            update_rows_(v, lambda s: s + square, lambda s: s.add_(square),
+                         None if bool(sums_ok.all()) and ok is None else sums_ok & (True if ok is None else ok))
 
     def apply(self, param, update, state, hp, fan_out, fan_in):
         beta1 = hp["betas"][0]

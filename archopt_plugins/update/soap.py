@@ -31,7 +31,7 @@ from .blocked_kernel import BlockedPreconditionerKernel, compute_dtype_of
 from .blocking import BlockGrid
 from .kernel import HParams, MatrixBatch, add_scaled_
 from .matrix_roots import initial_eigenbasis, refresh_eigenbasis, refresh_eigenbasis_reference
-from .owner_state import (gather_state, keep_finite_, per_matrix, scatter_state, warn_decomposition_failed,
+from .owner_state import (gradient_rows_ok, per_matrix, spans, state_of, update_rows_, warn_decomposition_failed,
                           zero_nonfinite_)
 
 
@@ -63,70 +63,103 @@ class SoapKernel(BlockedPreconditionerKernel):
         beta1, beta2 = hp["betas"]
         freq = hp["precondition_frequency"]
         # Step 1 sets the statistics and bases only; Adam's own count t is the step number − 1.
-        first = per_matrix(batch, lambda step: float(step == 1)) > 0
-        refresh = per_matrix(batch, lambda step: float(step > 1 and (step - 1) % freq == 0)) > 0
+        first = [seg for seg in batch.segments if seg.step == 1]
+        refresh = [seg for seg in batch.segments if seg.step > 1 and (seg.step - 1) % freq == 0]
+        adam_rows = per_matrix(batch, lambda step: float(step > 1)) > 0
         correction = per_matrix(batch, lambda step: 0.0 if step == 1 else
                                 (1.0 - beta2 ** (step - 1)) ** 0.5 / (1.0 - beta1 ** (step - 1)), dtype=dtype)
-        exp_avg = gather_state(batch, "exp_avg", (m, n), dtype)
-        keep_finite_(exp_avg, torch.where(first.view(-1, 1, 1), exp_avg, exp_avg.lerp(G, 1.0 - beta1)))
-        scatter_state(batch, "exp_avg", exp_avg)
-        exp_avg_sq = gather_state(batch, "exp_avg_sq", (m, n), dtype)
-        v_blocks = grid.split(exp_avg_sq)
+        # m (original coordinates) and v (rotated coordinates) of the whole batch, updated per segment.
+        M, V = torch.empty_like(G), torch.empty_like(G)
+        ok = gradient_rows_ok(G)  # None: every matrix's statistics can be updated in place
+        for seg, a, b in spans(batch):
+            exp_avg = state_of(seg, "exp_avg", (m, n), dtype, G.device)
+            if seg.step > 1:
+                update_rows_(exp_avg, lambda s: s.lerp(G[a:b], 1.0 - beta1), lambda s: s.lerp_(G[a:b], 1.0 - beta1),
+                             None if ok is None else ok[a:b])
+            M[a:b] = exp_avg
+            V[a:b] = state_of(seg, "exp_avg_sq", (m, n), dtype, G.device)
 
-        directions = []
-        for index, (cl, g, mom) in enumerate(zip(grid.classes, grid.split(G), grid.split(exp_avg))):
-            block_first, block_refresh = (mask.repeat_interleave(cl.count) for mask in (first, refresh))
-            bases = {}
-            for side, on, size in (("L", cl.left, cl.rows), ("R", cl.right, cl.cols)):
-                if not on:
-                    continue
-                stat = gather_state(batch, f"{side}.{cl.key}", (cl.count, size, size), dtype)
-                flat = stat.view(-1, size, size)
+        v_blocks, directions = grid.split(V), []
+        for index, (cl, g, mom) in enumerate(zip(grid.classes, grid.split(G), grid.split(M))):
+            sides = [(side, size) for side, on, size in (("L", cl.left, cl.rows), ("R", cl.right, cl.cols)) if on]
+            for side, size in sides:
+                key, basis_key, shape = f"{side}.{cl.key}", f"Q{side}.{cl.key}", (cl.count, size, size)
                 outer = g @ g.mT if side == "L" else g.mT @ g
-                keep_finite_(flat, beta2 * flat + (1.0 - beta2) * outer)
-                scatter_state(batch, f"{side}.{cl.key}", stat)
-                basis = gather_state(batch, f"Q{side}.{cl.key}", (cl.count, size, size), dtype)
-                if bool(block_first.any()):
-                    self._initial_basis(batch, flat, basis.view(-1, size, size), block_first, cl.count, root_dtype)
-                    scatter_state(batch, f"Q{side}.{cl.key}", basis)
-                bases[side] = (flat, basis, size)
+                block_ok = None if ok is None else ok.repeat_interleave(cl.count)
+                for seg, a, b in spans(batch, cl.count):
+                    stat = state_of(seg, key, shape, dtype, G.device).view(-1, size, size)
+                    part = outer[a:b]
+                    update_rows_(stat, lambda s: s.lerp(part, 1.0 - beta2), lambda s: s.lerp_(part, 1.0 - beta2),
+                                 None if block_ok is None else block_ok[a:b])
+                    state_of(seg, basis_key, shape, dtype, G.device)
+                if first:
+                    self._initial_bases(first, key, basis_key, size, root_dtype)
 
-            QL = bases["L"][1].view(-1, cl.rows, cl.rows) if "L" in bases else None
-            QR = bases["R"][1].view(-1, cl.cols, cl.cols) if "R" in bases else None
-            g_rot, m_rot = _rotate(g, QL, QR), _rotate(mom, QL, QR)
+            g_rot, m_rot = (self._rotate(batch, cl, x, sides, back=False) for x in (g, mom))
             v = v_blocks[index]
-            keep_finite_(v, torch.where(block_first.view(-1, 1, 1), v, beta2 * v + (1.0 - beta2) * g_rot * g_rot))
-            step_rot = m_rot / (v.sqrt() + hp["eps"])
-            direction = _rotate_back(step_rot, QL, QR)
+            rows = adam_rows.repeat_interleave(cl.count)
+            if ok is not None:
+                rows = rows & ok.repeat_interleave(cl.count)
+            square = g_rot * g_rot
+            update_rows_(v, lambda s: s.lerp(square, 1.0 - beta2), lambda s: s.lerp_(square, 1.0 - beta2),
+                         None if bool(rows.all()) else rows)
+            direction = self._rotate(batch, cl, m_rot / (v.sqrt() + hp["eps"]), sides, back=True)
             directions.append(direction * correction.repeat_interleave(cl.count).view(-1, 1, 1))
+            if refresh:  # after the update: the next step uses the refreshed basis
+                self._refresh_bases(batch, cl, refresh, sides, v, root_dtype)
 
-            if bool(block_refresh.any()):  # after the update: the next step uses the refreshed basis
-                rows = block_refresh.nonzero().flatten()
-                for side, (flat, basis, size) in bases.items():
-                    flat_basis = basis.view(-1, size, size)
-                    new_basis, order = refresh_eigenbasis(flat.index_select(0, rows), flat_basis.index_select(0, rows),
-                                                          root_dtype)
-                    flat_basis.index_copy_(0, rows, new_basis)
-                    scatter_state(batch, f"Q{side}.{cl.key}", basis)
-                    dim = -2 if side == "L" else -1
-                    chosen = v.index_select(0, rows)
-                    index_shape = order.unsqueeze(-1) if side == "L" else order.unsqueeze(-2)
-                    v.index_copy_(0, rows, chosen.gather(dim, index_shape.expand_as(chosen)))
-
-        grid.merge(v_blocks, out=exp_avg_sq)
-        scatter_state(batch, "exp_avg_sq", exp_avg_sq)
+        grid.merge(v_blocks, out=V)
+        for seg, a, b in spans(batch):
+            seg.owner_state["exp_avg_sq"].copy_(V[a:b])
         return zero_nonfinite_(grid.merge(directions), batch, "soap")
 
-    def _initial_basis(self, batch, stat, basis, first, per_matrix, root_dtype):
-        rows = first.nonzero().flatten()
-        new_basis, ok = initial_eigenbasis(stat.index_select(0, rows), root_dtype)
-        if not bool(ok.all()):
-            full_ok = torch.ones(stat.shape[0], dtype=torch.bool, device=stat.device)
-            full_ok[rows] = ok
-            warn_decomposition_failed(batch, full_ok, per_matrix, "soap")
-            eye = torch.eye(stat.shape[-1], dtype=new_basis.dtype, device=new_basis.device)
-            new_basis = torch.where(ok.view(-1, 1, 1), new_basis, eye)
-        basis.index_copy_(0, rows, new_basis)
+    @staticmethod
+    def _rotate(batch, cl, x, sides, back):
+        """Q_Lᵀ·x·Q_R (back: Q_L·x·Q_Rᵀ) with each segment's own bases; a missing side is the identity."""
+        for side, size in sides:
+            out = torch.empty_like(x)
+            for seg, a, b in spans(batch, cl.count):
+                Q = seg.owner_state[f"Q{side}.{cl.key}"].view(-1, size, size)
+                if side == "L":
+                    torch.matmul(Q if back else Q.mT, x[a:b], out=out[a:b])
+                else:
+                    torch.matmul(x[a:b], Q.mT if back else Q, out=out[a:b])
+            x = out
+        return x
+
+    @staticmethod
+    def _initial_bases(first, key, basis_key, size, root_dtype):
+        stats = [seg.owner_state[key].view(-1, size, size) for seg in first]
+        bases, ok = initial_eigenbasis(stats[0] if len(stats) == 1 else torch.cat(stats), root_dtype)
+        failed = []
+        for seg, new_basis, seg_ok in zip(first, torch.split(bases, [s.shape[0] for s in stats]),
+                                          torch.split(ok, [s.shape[0] for s in stats])):
+            basis = seg.owner_state[basis_key].view(-1, size, size)
+            if not bool(seg_ok.all()):  # eigh failed even in float64: start from the identity
+                eye = torch.eye(size, dtype=basis.dtype, device=basis.device)
+                new_basis = torch.where(seg_ok.view(-1, 1, 1), new_basis, eye)
+                failed.append(seg.fqn)
+            basis.copy_(new_basis)
+        if failed:
+            warn_decomposition_failed(failed, "soap")
+
+    @staticmethod
+    def _refresh_bases(batch, cl, refresh, sides, v, root_dtype):
+        """Power iteration + QR for the refreshing segments; their rows of v follow the new order."""
+        where = {seg.fqn: (a, b) for seg, a, b in spans(batch, cl.count)}
+        for side, size in sides:
+            key, basis_key = f"{side}.{cl.key}", f"Q{side}.{cl.key}"
+            stats = [seg.owner_state[key].view(-1, size, size) for seg in refresh]
+            bases = [seg.owner_state[basis_key].view(-1, size, size) for seg in refresh]
+            cat = (lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts))
+            new_bases, orders = refresh_eigenbasis(cat(stats), cat(bases), root_dtype)
+            sizes = [s.shape[0] for s in stats]
+            for seg, basis, new_basis, order in zip(refresh, bases, torch.split(new_bases, sizes),
+                                                    torch.split(orders, sizes)):
+                basis.copy_(new_basis)
+                a, b = where[seg.fqn]
+                index = order.unsqueeze(-1) if side == "L" else order.unsqueeze(-2)
+                v[a:b] = v[a:b].gather(-2 if side == "L" else -1, index.expand_as(v[a:b]))
 
     def apply(self, param, update, state, hp, fan_out, fan_in):
         if int(state["step"]) == 1:  # the basis-only first step: no weight decay either (as the authors)
