@@ -4,11 +4,16 @@ Resolution of one parameter's hyperparameters, lowest precedence first:
 
 1. the rule's defaults (``rules.py``), then the name's defaults for it (AdamW beside Muon);
 2. the user's keywords routed to that rule (``lr`` → the name's rule, ``adamw_lr`` → AdamW …);
+   for a scale-invariant weight that ``scale_invariant="spherical"|"equilibrium"`` sends to the
+   spherical rule, its detected blocks, the base rule's lr/λ/β₁ (equilibrium) and ``spherical_*``
+   keywords (``invariance.py``);
 3. role defaults (norms and biases: no weight decay);
 4. a param group's own keys (when params came as groups);
 5. overrides by role, then by FQN glob.
 
 Every trainable parameter gets exactly one entry. Errors name the parameter and list valid choices.
+``make_plan`` also runs scale-invariance detection on an nn.Module (``roles.scale_invariance``): the
+entries carry ``scale_invariant`` and ``invariant_block_rows``, and ``Plan.notes`` what the probe did.
 """
 
 from __future__ import annotations

@@ -198,3 +198,19 @@ def test_equilibrium_switch_inherits_the_base_rule_and_errors_are_loud():
     flagged = plan(Mixed(), "muon", scale_invariant="spherical", probe_inputs=torch.randn(2, 3, 6, 6))
     assert flagged.entry("conv_gn.weight").rule == "spherical"
     assert flagged.entry("conv_gn.weight").hparams["block_rows"] == 4
+
+
+def test_monitor_measures_invariant_blocks_of_the_whole_matrix_under_a_per_head_view():
+    from archopt_plugins.monitor import GeometryMonitor
+
+    model = tiny_olmo2()
+    opt = build_optimizer(model, "muon", per_head=True, weight_decay=0.1, compute_dtype="float32")
+    q = opt.plan.entry("model.layers.0.self_attn.q_proj.weight")
+    assert q.structure.per_head and q.invariant_block_rows == 32  # the rule sees heads; invariance is whole
+    monitor = GeometryMonitor(opt, per_param=True)
+    causal_lm_loss(model).backward()
+    monitor.before_step()
+    opt.step()
+    metrics = monitor.after_step()
+    assert metrics["geometry/scale_invariant/equilibrium_angular_update"] == pytest.approx((2 * 0.02 * 0.1) ** 0.5)
+    assert 0 < metrics["geometry/param/model.layers.0.self_attn.q_proj.weight/angular_update"] < 1
