@@ -50,36 +50,31 @@ def normalize_row_blocks(mats: torch.Tensor, block_rows: int) -> torch.Tensor:
     return unit.reshape(n_mats, rows, cols)
 
 
-def block_sums(w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(‖w_b‖², ⟨u_b, w_b⟩) per block of [blocks, block_numel] tensors: the statistics ``apply`` needs
-    (partial sums over shards add up to them)."""
-    return (w * w).sum(dim=1), (u * w).sum(dim=1)
+def _block_norms(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, dim=1)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor, fallback: float) -> torch.Tensor:
+    """num / den where den > 0, else ``fallback`` (a zero block or a zero direction stays put)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.full_like(den, fallback))
 
 
 def hyperball_step(w: torch.Tensor, unit: torch.Tensor, lr: float) -> torch.Tensor:
     """w_b ← r_b·normalize(w_b − lr·r_b·unit_b), per row of [blocks, block_numel]."""
-    sq, dot = block_sums(w, unit)
-    r = sq.sqrt()[:, None]
-    moved = w - lr * r * unit
-    # ‖moved‖² from the block sums (‖unit_b‖ is 1 or 0) keeps the reduction count at two.
-    unit_sq = (unit * unit).sum(dim=1)
-    moved_sq = (sq - 2.0 * lr * r[:, 0] * dot + (lr * r[:, 0]) ** 2 * unit_sq).clamp_min(0.0)
-    scale = torch.where(moved_sq > 0, r[:, 0] / moved_sq.sqrt().clamp_min(torch.finfo(w.dtype).tiny),
-                        torch.ones_like(moved_sq))
-    return moved * scale[:, None]
+    r = _block_norms(w)
+    moved = w - lr * r[:, None] * unit
+    return moved * _safe_div(r, _block_norms(moved), 1.0)[:, None]
 
 
 def geodesic_step(w: torch.Tensor, unit: torch.Tensor, theta: float) -> torch.Tensor:
     """Turn each block of w by exactly ``theta`` towards −unit within the sphere of its norm."""
-    sq, dot = block_sums(w, unit)
-    r = sq.sqrt()
-    inv_r = torch.where(r > 0, 1.0 / r.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(r))
-    # tangent t = −u + ⟨u, ŵ⟩ŵ;  ‖t‖² = ‖u‖² − ⟨u, ŵ⟩²
-    tangent = -unit + (dot * inv_r * inv_r)[:, None] * w
-    t_norm = torch.linalg.vector_norm(tangent, dim=1)
-    step = torch.where(t_norm > 0, math.sin(theta) * r / t_norm.clamp_min(torch.finfo(w.dtype).tiny),
-                       torch.zeros_like(t_norm))
-    cos = torch.where(t_norm > 0, torch.full_like(t_norm, math.cos(theta)), torch.ones_like(t_norm))
+    r = _block_norms(w)
+    w_hat = w * _safe_div(torch.ones_like(r), r, 0.0)[:, None]
+    tangent = -unit + (unit * w_hat).sum(dim=1, keepdim=True) * w_hat  # −unit minus its radial part
+    t_norm = _block_norms(tangent)
+    moves = t_norm > 0
+    cos = torch.where(moves, torch.full_like(r, math.cos(theta)), torch.ones_like(r))
+    step = _safe_div(math.sin(theta) * r, t_norm, 0.0)
     return cos[:, None] * w + step[:, None] * tangent
 
 
@@ -95,17 +90,6 @@ def predicted_angle(hp: HParams) -> float:
     return math.atan(hp["lr"]) if hp["mode"] == "hyperball" else step_angle(hp)
 
 
-def validate_spherical_hparams(hp: HParams, where: str) -> None:
-    """Cross-checks the per-value converters cannot make."""
-    if hp.get("mode", "hyperball") == "hyperball" and hp.get("weight_decay", 0.0) != 0.0:
-        raise ValueError(f"{where}: rule 'spherical' keeps each block's norm fixed and takes no weight decay, "
-                         f"got weight_decay={hp['weight_decay']}; weight_decay only sets the angle of "
-                         "mode='equilibrium' (set weight_decay=0, or mode='equilibrium')")
-    if hp.get("mode") == "equilibrium" and hp.get("weight_decay", 0.0) == 0.0:
-        raise ValueError(f"{where}: rule 'spherical' with mode='equilibrium' turns by √(2·lr·weight_decay·…) per "
-                         "step, which is 0 with weight_decay=0: give the base optimizer's weight_decay (> 0)")
-
-
 class SphericalKernel(MatrixKernel):
     needs = "reductions"
     transform_needs_param = True
@@ -117,8 +101,14 @@ class SphericalKernel(MatrixKernel):
         return {"momentum_buffer": zeros_state(param)}
 
     def validate_hparams(self, hp: HParams, where: str) -> None:
-        """Called by the plan after conversion (see ``validate_spherical_hparams``)."""
-        validate_spherical_hparams(hp, where)
+        """Cross-checks the per-value converters cannot make (the plan calls this after conversion)."""
+        if hp["mode"] == "hyperball" and hp["weight_decay"] != 0.0:
+            raise ValueError(f"{where}: rule 'spherical' keeps each block's norm fixed and takes no weight decay, "
+                             f"got weight_decay={hp['weight_decay']}; weight_decay only sets the angle of "
+                             "mode='equilibrium' (set weight_decay=0, or mode='equilibrium')")
+        if hp["mode"] == "equilibrium" and hp["weight_decay"] == 0.0:
+            raise ValueError(f"{where}: rule 'spherical' with mode='equilibrium' turns by √(2·lr·weight_decay·…) "
+                             "per step, which is 0 with weight_decay=0: give the base optimizer's weight_decay (> 0)")
 
     def prepare(self, param, grad, state, hp):
         return momentum_direction_(state["momentum_buffer"], grad, hp["momentum"], hp["nesterov"])
@@ -147,8 +137,6 @@ class SphericalKernel(MatrixKernel):
         return (new - w).reshape(n_mats, rows, cols)
 
     def apply(self, param, update, state, hp, fan_out, fan_in):
-        if step_angle(hp) == 0.0:
-            return
         if param.dtype in (torch.float32, torch.float64):
             param.add_(update.to(param.dtype))
         else:
