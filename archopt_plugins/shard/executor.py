@@ -6,7 +6,9 @@ Per step (DESIGN.md, "The sharding idea"):
 2. each whole-matrix parameter has one owner (``owners``); its pieces travel to the owner in one
    batched all-to-all (``transport``), the owner runs the rule's ``transform`` on the complete
    matrix (batched by shape with everything else it owns), and the update travels back the same
-   way to every rank holding a piece;
+   way to every rank holding a piece. State that lives with the complete matrix (Shampoo factors)
+   is kept in the parameter's optimizer state on its owner only, under the same keys a single
+   process uses, so checkpoints re-key it by FQN and another world size re-places it;
 3. the local piece applies its part of the update.
 
 Layouts are discovered at the first step (``discover``), because the HF Trainer and accelerate
@@ -68,7 +70,6 @@ class ShardedExecutor:
         self.layouts: dict[str, ParamLayout] | None = None
         self.owners: dict[str, int] = {}
         self.costs: dict[str, float] = {}
-        self.owner_states: dict[str, dict[str, torch.Tensor]] = {}
         self._plans: dict[tuple[str, ...], CommPlan] = {}
         self.last_stats = CommStats()
         self.total_stats = CommStats()
@@ -172,7 +173,7 @@ class ShardedExecutor:
         for fqn in plan.computes:
             batch, job = by_fqn[fqn]
             items.append(Complete(fqn, batch.kernel, batch.rule, complete[fqn], job.structure, job.hp,
-                                  self.owner_states.setdefault(fqn, {}), int(job.state["step"]), values.get(fqn)))
+                                  job.state, int(job.state["step"]), values.get(fqn)))
         start = time.perf_counter()
         results = dict(zip(plan.computes, transform_complete(items)))
         self.last_transform_seconds = time.perf_counter() - start
@@ -191,7 +192,7 @@ class ShardedExecutor:
                                  f"rank holds a flat fragment {piece.describe()}; use sharding='exact'")
             param = local_tensor(job.param) if batch.kernel.transform_needs_param else None
             items.append(Complete(job.fqn, batch.kernel, batch.rule, directions[job.fqn], job.structure, job.hp,
-                                  self.owner_states.setdefault(job.fqn, {}), int(job.state["step"]), param))
+                                  job.state, int(job.state["step"]), param))
             names.append(job.fqn)
         start = time.perf_counter()
         results = transform_complete(items)

@@ -5,6 +5,8 @@
 A case is a function registered with :func:`case` in one of the ``cases_*`` modules; it runs on
 every rank and returns a JSON-able dict (rank 0's is kept). Results — or the traceback of a case
 that raised — land in ``OUT_DIR/<case>.json``; pytest tests read them (see ``launcher.py``).
+Cases that hand files to a later launch (checkpoints saved at one world size, loaded at another)
+use :func:`shared_dir`, the folder ``ARCHOPT_SHARED_DIR`` names (the same for every launch).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -24,6 +27,10 @@ CASES: dict[str, Callable[[], dict]] = {}
 def case(fn: Callable[[], dict]) -> Callable[[], dict]:
     CASES[fn.__name__] = fn
     return fn
+
+
+def shared_dir() -> Path:
+    return Path(os.environ["ARCHOPT_SHARED_DIR"])
 
 
 def main() -> None:
@@ -42,10 +49,14 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
     rank = dist.get_rank()
     for name in names:
+        start = time.perf_counter()
         try:
             result = {"ok": True, "result": registry[name]()}
         except Exception:  # report and go on: the test that reads this case fails with the traceback
             result = {"ok": False, "error": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        if rank == 0:
+            print(f"case {name}: {result['seconds']} s", flush=True)
         if rank == 0 or not result["ok"]:
             suffix = "" if rank == 0 else f".rank{rank}"
             (out / f"{name}{suffix}.json").write_text(json.dumps(result, indent=1))

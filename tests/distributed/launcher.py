@@ -13,8 +13,8 @@ import pytest
 HARNESS = Path(__file__).resolve().parent / "harness.py"
 
 
-def launch(world: int, cases: list[str], out: Path, timeout: int = 900) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def launch(world: int, cases: list[str], out: Path, shared: Path, timeout: int = 900) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ARCHOPT_SHARED_DIR=str(shared))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            str(HARNESS), str(out), *cases]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -51,8 +51,18 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: list[torch.Tensor]
         opt.zero_grad(set_to_none=True)
 
 
+_REFERENCES: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
 def reference(make_model: Callable[[], nn.Module], name: str, hp: dict) -> dict[str, torch.Tensor]:
-    """Single-process run on the global batches (rank 0 only; the others skip it)."""
+    """Single-process run on the global batches (rank 0 only; cached per model, name and hparams)."""
+    key = (make_model, name, tuple(sorted(hp.items())))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _reference(make_model, name, hp)
+    return _REFERENCES[key]
+
+
+def _reference(make_model: Callable[[], nn.Module], name: str, hp: dict) -> dict[str, torch.Tensor]:
     model = make_model()
     opt = build_optimizer(model, name, **hp)
     assert not opt.executor  # chosen lazily; distributed would pick the engine, so force local below

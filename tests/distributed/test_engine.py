@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import launch, result
+from launcher import result
 
 PARITY_BAR = 5e-5
 # Eigenbasis rules: rank-deficient statistics have degenerate eigenvectors, so the 1e-7 gradient
@@ -17,28 +17,11 @@ PARITY_BAR = 5e-5
 # End-to-end parity is the looser case for them; the strict check is `injected_fsdp_tp` (bitwise
 # identical gradients in, bitwise identical parameters out) and `flat_fragments` / TP hints.
 END_TO_END_BARS = {"shampoo": 1e-2, "one_sided_shampoo": 1e-2, "soap": 0.5}
-WORLD2 = ["ddp_llama", "fsdp_llama", "fsdp_llama_optimizer_first", "ddp_moe"]
-WORLD4 = ["fsdp_llama", "hsdp_llama", "fsdp_tp_llama", "fsdp_moe", "flat_fragments", "tp_blocks_from_hints",
-          "injected_fsdp_tp", "blockwise_gap", "bad_inputs"]
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world2")
-    launch(2, WORLD2, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world4")
-    launch(4, WORLD4, out)
-    return out
-
-
-def _check_parity(res: dict, bars: dict[str, float] | None = None, default: float = PARITY_BAR) -> None:
+def check_parity(res: dict, bars: dict[str, float] | None = None, default: float = PARITY_BAR) -> None:
     from archopt_plugins import available_optimizers
 
     assert sorted(res) == available_optimizers()  # every name ran
@@ -53,22 +36,22 @@ def _check_parity(res: dict, bars: dict[str, float] | None = None, default: floa
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("case", WORLD2)
+@pytest.mark.parametrize("case", ["ddp_llama", "fsdp_llama", "fsdp_llama_optimizer_first", "ddp_moe"])
 def test_parity_world2(world2, case):
     res = result(world2, case)
-    _check_parity(res, END_TO_END_BARS)
+    check_parity(res, END_TO_END_BARS)
     assert all(r.get("executor", "ShardedExecutor") == "ShardedExecutor" for r in res.values())
 
 
 @pytest.mark.parametrize("case", ["fsdp_llama", "hsdp_llama", "fsdp_tp_llama", "fsdp_moe"])
 def test_parity_world4(world4, case):
-    _check_parity(result(world4, case), END_TO_END_BARS)
+    check_parity(result(world4, case), END_TO_END_BARS)
 
 
 @pytest.mark.parametrize("case", ["injected_fsdp_tp", "flat_fragments"])
 def test_identical_gradients_give_bitwise_identical_parameters(world4, case):
     """Every rule, eigenbasis ones included: same gradients in, the engine adds no difference."""
-    _check_parity(result(world4, case), default=0.0)
+    check_parity(result(world4, case), default=0.0)
 
 
 def test_tp_blocks_from_hints(world4):
