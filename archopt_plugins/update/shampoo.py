@@ -87,11 +87,11 @@ class ShampooKernel(BlockedPreconditionerKernel):
                 if not on:
                     continue
                 key, root_key, shape = f"{side}.{cl.key}", f"{side}_root.{cl.key}", (cl.count, size, size)
-                outer = g @ g.mT if side == "L" else g.mT @ g
                 block_ok = None if ok is None else ok.repeat_interleave(cl.count)
                 for seg, a, b in spans(batch, cl.count):
                     stat = state_of(seg, key, shape, dtype, G.device).view(-1, size, size)
-                    self._accumulate(stat, outer[a:b], beta2, ema, None if ok is None else block_ok[a:b])
+                    x = g[a:b] if side == "L" else g[a:b].mT  # L ← x·xᵀ terms
+                    self._accumulate(stat, x, beta2, ema, None if ok is None else block_ok[a:b])
                     state_of(seg, root_key, shape, dtype, G.device)
                 if due:
                     self._recompute_roots(batch, due, key, root_key, shape, corrections, cl.exponent,
@@ -112,15 +112,17 @@ class ShampooKernel(BlockedPreconditionerKernel):
         return zero_nonfinite_(update, batch, self.label)
 
     @staticmethod
-    def _accumulate(stat, outer, beta2, ema, ok):
-        """L ← β₂·L + (1−β₂)·G·Gᵀ (ema) or L + G·Gᵀ (sum), in place, skipping rows whose G overflowed."""
-        if ema:
-            update_rows_(stat, lambda s: s.lerp(outer, 1.0 - beta2), lambda s: s.lerp_(outer, 1.0 - beta2), ok)
-            return
-        # A sum can overflow even from finite terms: the diagonal (the largest entries) tells.
-        sums_ok = torch.isfinite(stat.diagonal(dim1=-2, dim2=-1) + outer.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
-        update_rows_(stat, lambda s: s + outer, lambda s: s.add_(outer),
-                     None if bool(sums_ok.all()) and ok is None else sums_ok & (True if ok is None else ok))
+    def _accumulate(stat, x, beta2, ema, ok):
+        """L ← β₂·L + (1−β₂)·x·xᵀ (ema) or L + x·xᵀ (sum), in place (one baddbmm), skipping rows whose
+        gradient overflowed."""
+        beta, alpha = (beta2, 1.0 - beta2) if ema else (1.0, 1.0)
+        if not ema:  # a sum can overflow even from finite terms: the diagonals (largest entries) tell
+            grown = stat.diagonal(dim1=-2, dim2=-1) + x.square().sum(dim=-1)
+            sums_ok = torch.isfinite(grown).all(dim=-1)
+            if not bool(sums_ok.all()):
+                ok = sums_ok if ok is None else sums_ok & ok
+        update_rows_(stat, lambda s: torch.baddbmm(s, x, x.mT, beta=beta, alpha=alpha),
+                     lambda s: s.baddbmm_(x, x.mT, beta=beta, alpha=alpha), ok)
 
     def _recompute_roots(self, batch, due, key, root_key, shape, corrections, exponent, matrix_eps, dtype,
                          root_dtype):

@@ -84,12 +84,12 @@ class SoapKernel(BlockedPreconditionerKernel):
             sides = [(side, size) for side, on, size in (("L", cl.left, cl.rows), ("R", cl.right, cl.cols)) if on]
             for side, size in sides:
                 key, basis_key, shape = f"{side}.{cl.key}", f"Q{side}.{cl.key}", (cl.count, size, size)
-                outer = g @ g.mT if side == "L" else g.mT @ g
                 block_ok = None if ok is None else ok.repeat_interleave(cl.count)
                 for seg, a, b in spans(batch, cl.count):
                     stat = state_of(seg, key, shape, dtype, G.device).view(-1, size, size)
-                    part = outer[a:b]
-                    update_rows_(stat, lambda s: s.lerp(part, 1.0 - beta2), lambda s: s.lerp_(part, 1.0 - beta2),
+                    x = g[a:b] if side == "L" else g[a:b].mT  # L ← β₂·L + (1−β₂)·x·xᵀ in one baddbmm
+                    update_rows_(stat, lambda s: torch.baddbmm(s, x, x.mT, beta=beta2, alpha=1.0 - beta2),
+                                 lambda s: s.baddbmm_(x, x.mT, beta=beta2, alpha=1.0 - beta2),
                                  None if block_ok is None else block_ok[a:b])
                     state_of(seg, basis_key, shape, dtype, G.device)
                 if first:
