@@ -11,10 +11,11 @@ venv: $(STAMP)
 
 # torch first and alone: pip takes the local CPU wheel for an exact pin, whereas a later
 # package asking for "torch" could pull a multi-GB CUDA build (REFERENCES.md §1).
-$(STAMP): pyproject.toml requirements/dev.txt
+$(STAMP): pyproject.toml requirements/dev.txt requirements/megatron.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements/dev.txt
+	$(PY) -m pip install --quiet --ignore-requires-python -r requirements/megatron.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
