@@ -42,6 +42,25 @@ def tiny_mixtral(layers: int = 1, hidden: int = 32, experts: int = 4, vocab: int
     return t.MixtralForCausalLM(cfg)
 
 
+def _qk_norm_lm(cls_name: str, config_name: str, seed: int, **extra) -> nn.Module:
+    t = _quiet_transformers()
+    torch.manual_seed(seed)
+    cfg = getattr(t, config_name)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  bos_token_id=None, eos_token_id=None, pad_token_id=None, **extra)
+    return getattr(t, cls_name)(cfg)
+
+
+def tiny_qwen3(seed: int = 0) -> nn.Module:
+    """Qwen3: per-head QK-norm (q and k projections are scale-invariant per 8-row head)."""
+    return _qk_norm_lm("Qwen3ForCausalLM", "Qwen3Config", seed, head_dim=8)
+
+
+def tiny_olmo2(seed: int = 0) -> nn.Module:
+    """OLMo2: QK-norm over all heads, and norms before the residual adds (q, k, o, down invariant)."""
+    return _qk_norm_lm("Olmo2ForCausalLM", "Olmo2Config", seed)
+
+
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -7,26 +7,7 @@ from torch import nn
 from archopt_plugins import build_optimizer, plan
 from archopt_plugins.monitor import blocks
 from archopt_plugins.roles.scale_invariance import detect_scale_invariance
-from tiny_models import ConvNet, causal_lm_loss, tiny_llama
-
-
-def _hf(cls_name, config_name, seed=0, **extra):
-    import transformers as t
-
-    t.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    cfg = getattr(t, config_name)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                  bos_token_id=None, eos_token_id=None, pad_token_id=None, **extra)
-    return getattr(t, cls_name)(cfg)
-
-
-def tiny_qwen3(seed=0):
-    return _hf("Qwen3ForCausalLM", "Qwen3Config", seed, head_dim=8)
-
-
-def tiny_olmo2(seed=0):
-    return _hf("Olmo2ForCausalLM", "Olmo2Config", seed)
+from tiny_models import ConvNet, causal_lm_loss, tiny_llama, tiny_olmo2, tiny_qwen3
 
 
 def _flags(model, inputs=None):
