@@ -25,7 +25,8 @@ parameter when ``per_param=True``. Measured metrics:
 * ``grad_norm`` — ‖∇W‖ before the step;
 * ``relative_update`` — ‖ΔW‖/‖W‖.
 
-Theory predictions (``theory.py``) are added beside them; see ``theory.predictions``.
+Theory predictions are added beside them (``theory.py``: the equilibrium angle and its time scale, the
+ℓ∞ and spectral bounds).
 
 Per role, norms combine as root-sum-of-squares (``update_rms`` over all the role's elements,
 ``grad_norm`` and ``weight_norm`` of the role's tensors together) and the per-parameter ratios
@@ -110,8 +111,9 @@ class GeometryMonitor:
     """Per-step geometry of an optimizer's updates, measured every ``every`` steps.
 
     ``optimizer``: an ``ArchOpt`` (roles, rules and scale-invariant blocks come from its plan) or
-    any ``torch.optim.Optimizer`` (roles are its group indices). ``per_param`` adds one set of
-    metrics per parameter. ``spectral`` enables the power-iteration spectral norm (Muon's bound).
+    any ``torch.optim.Optimizer`` (roles are a group's ``"role"`` key, else ``group<i>``).
+    ``per_param`` adds one set of metrics per parameter. ``spectral`` enables the power-iteration
+    spectral norm (Muon's bound).
     """
 
     def __init__(self, optimizer: Any, every: int = 1, per_param: bool = False, spectral: bool = True,
