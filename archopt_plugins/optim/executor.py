@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..update.batching import Complete, RuleBatch, transform_complete
+from ..update.finite import first_nonfinite_index
 from ..update.kernel import ElementwiseKernel, MatrixKernel
 from ..update.matrix_view import matrix_shape
 
@@ -25,13 +26,7 @@ class LocalExecutor:
 
     def first_nonfinite(self, names: list[str], grads: list[torch.Tensor]) -> int | None:
         """Index of the first gradient holding NaN/Inf, or None (one device sync)."""
-        if not grads:
-            return None
-        norms = torch._foreach_norm(grads, float("inf"))
-        finite = torch.stack([n.float() for n in norms]).isfinite()
-        if bool(finite.all()):
-            return None
-        return int((~finite).nonzero()[0])
+        return first_nonfinite_index(grads)
 
     def run(self, batches: list[RuleBatch]) -> None:
         matrix_batches = []

@@ -1,9 +1,11 @@
 """Optimizer names (what ``build_optimizer`` and each stack's config accept) as role → rule policies.
 
 A name gives its matrix rule to the roles whose rows and columns are feature dimensions and AdamW
-to the rest (embeddings, output head, norms, biases, routers, undetermined vectors). Keyword
-hyperparameters route to the rule they belong to: plain names (``lr``, ``momentum`` …) to the
-name's own rule, ``adamw_*`` to the AdamW that runs beside a matrix rule.
+to the rest (embeddings, output head, norms, biases, routers, undetermined vectors); ``role_rules``
+gives other roles other rules (Scion's sign LMO for the head, Lion everywhere). Keyword
+hyperparameters route to the rules they belong to: plain names (``lr``, ``momentum`` …) to every
+rule of the name's family that has them, ``<rule>_<name>`` to one rule (``adamw_lr`` for the AdamW
+beside a matrix rule, ``scion_sign_scale``). ``docs/geometry_rules.md`` tabulates the policies.
 
 Role defaults follow the HF Trainer's convention: norms and biases take no weight decay (override
 with ``overrides={"norm": {"weight_decay": ...}}``).

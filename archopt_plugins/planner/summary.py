@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from .plan import Plan, PlanEntry
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
-_SHOWN = ("lr", "weight_decay", "momentum", "betas", "lr_scaling", "ns_coefficients", "ns_steps")
+_SHOWN = ("lr", "weight_decay", "momentum", "betas", "lr_scaling", "ns_coefficients", "ns_steps",
+          "scale", "block")  # scale: Scion's per-role radius; block: blockwise Adam's second-moment block
 
 
 def entry_state_bytes(e: PlanEntry) -> int:

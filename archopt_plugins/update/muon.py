@@ -54,7 +54,10 @@ class MuonKernel(MatrixKernel):
         return {"momentum_buffer": zeros_state(param)}
 
     def prepare(self, param, grad, state, hp):
-        return momentum_direction_(state["momentum_buffer"], grad, hp["momentum"], hp["nesterov"])
+        direction = momentum_direction_(state["momentum_buffer"], grad, hp["momentum"], hp["nesterov"])
+        # Newton–Schulz starts by rounding its input to the compute dtype; rounding here instead is the
+        # same arithmetic and lets executors batch (concatenate, or send) half the bytes in bf16.
+        return direction.to(resolve_dtype(hp["compute_dtype"], direction.device))
 
     def transform(self, batch: MatrixBatch, hp: HParams) -> torch.Tensor:
         dtype = resolve_dtype(hp["compute_dtype"], batch.data.device)
