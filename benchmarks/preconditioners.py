@@ -222,7 +222,8 @@ def write_section(text: str) -> None:
     current = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"<!-- {MARK} -->\n{text}\n<!-- /{MARK} -->"
     pattern = re.compile(rf"<!-- {re.escape(MARK)} -->.*?<!-- /{re.escape(MARK)} -->", re.S)
-    updated = pattern.sub(lambda _: block, current) if pattern.search(current) else current.rstrip() + "\n\n" + block + "\n"
+    updated = (pattern.sub(lambda _: block, current) if pattern.search(current)
+               else current.rstrip() + "\n\n" + block + "\n")
     path.write_text(updated)
 
 

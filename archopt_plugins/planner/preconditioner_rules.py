@@ -51,7 +51,8 @@ def _shampoo_hparams(two_sided: bool) -> dict[str, HParam]:
         "matrix_eps": HParam(1e-6, positive, "eigenvalue damping relative to the largest eigenvalue "
                              "(bounds the preconditioner's condition number; survives rank deficiency)"),
         "weight_decay": HParam(0.0, nonnegative, "decoupled: W ← (1 − lr·wd)·W"),
-        "statistics": HParam("ema", choice(*STATISTICS), "ema: β₂-averaged G·Gᵀ; sum: Σ G·Gᵀ (AdaGrad-style)"),
+        "statistics": HParam("ema", choice(*STATISTICS),
+                             "ema: β₂-averaged G·Gᵀ; sum: Σ G·Gᵀ (AdaGrad-style)"),
         "graft": HParam("adam", choice(*GRAFTS), "adam: Shampoo's direction with Adam's per-block norm; none"),
         **_blocked_common(),
     }
@@ -100,7 +101,8 @@ ADAFACTOR = RuleSpec(
     description="factored second moment (row and column statistics) with update clipping",
     hparams={
         "lr": HParam(1e-3, nonnegative, "learning rate (no relative step: used as given)"),
-        "momentum": HParam(0.0, unit_interval, "EMA of the clipped update (0: none, as in the paper; saves m·n state)"),
+        "momentum": HParam(0.0, unit_interval,
+                           "EMA of the clipped update (0: none, as in the paper; saves m·n state)"),
         "beta2_decay": HParam(0.8, decay_exponent, "β₂ at step t is 1 − t^(−beta2_decay)"),
         "eps": HParam(1e-30, positive, "added to G² before averaging"),
         "clip_threshold": HParam(1.0, positive, "the update's RMS is clipped to at most this"),

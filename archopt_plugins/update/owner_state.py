@@ -5,7 +5,7 @@ owner state holds its own [count, ...] tensors. Kernels compute batched where th
 arithmetic (G·Gᵀ for the whole batch at once) and update each segment's state *in place* through
 its span of the batch (``spans``): concatenating factor matrices every step and copying them back
 cost more than the arithmetic they serve (measured on CPU). Only occasional work (roots, bases:
-every k steps) gathers the states it needs with :func:`gather_state`.
+every k steps) concatenates the states of the parameters that are due.
 
 Also here: the guards every preconditioner uses so that a pathological gradient (finite, but
 whose square overflows float32) never corrupts state and never reaches a parameter as NaN/Inf.
@@ -45,18 +45,6 @@ def spans(batch: MatrixBatch, per_matrix: int = 1) -> Iterator[tuple[Segment, in
         end = start + seg.count * per_matrix
         yield seg, start, end
         start = end
-
-
-def gather_state(batch: MatrixBatch, segments: list[Segment], key: str, shape: tuple[int, ...],
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The ``key`` states of ``segments`` as one [Σcount, *shape] tensor (a copy unless one segment)."""
-    pieces = [state_of(seg, key, shape, dtype, batch.data.device) for seg in segments]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def matrix_steps(batch: MatrixBatch, repeat: int = 1) -> torch.Tensor:
-    """Each matrix's step count (float64 [N·repeat]), from its segment; ``repeat`` = blocks per matrix."""
-    return per_matrix(batch, float, repeat, torch.float64)
 
 
 def per_matrix(batch: MatrixBatch, fn: Callable[[int], float], repeat: int = 1,
@@ -122,7 +110,8 @@ def zero_nonfinite_(update: torch.Tensor, batch: MatrixBatch, rule: str) -> torc
         return update
     bad = sorted({seg.fqn for seg, piece in zip(batch.segments, batch.split(ok)) if not bool(piece.all())})
     warnings.warn(f"{rule}: the update of {bad} was not finite (a gradient too large for float32 "
-                  "statistics?); their fresh update is zero this step and their statistics were kept", RuntimeWarning, stacklevel=3)
+                  "statistics?); their fresh update is zero this step and their statistics were kept",
+                  RuntimeWarning, stacklevel=3)
     return torch.where(ok.view(-1, 1, 1), update, torch.zeros_like(update))
 
 
