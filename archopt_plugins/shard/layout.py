@@ -6,7 +6,9 @@ Every layout the stacks produce is described the same way: rank r holds either
   whole tensor; FSDP2 ``Shard(0)`` holds a row block (possibly empty, possibly uneven); tensor
   parallelism holds a row or column block; FSDP2 × TP and HSDP compose into blocks too; or
 * a :class:`FlatRange` — a contiguous range of the flattened tensor, the form ZeRO-1/2/3 and
-  Megatron's distributed optimizer use (ranges cut matrices anywhere, mid-row included).
+  Megatron's distributed optimizer use (ranges cut matrices anywhere, mid-row included); or
+* a :class:`BlockRange` — a flat range of one Block (Megatron's distributed optimizer cutting a
+  tensor-parallel column block).
 
 Ranks holding identical pieces are replicas; distinct pieces must be disjoint and cover the
 tensor exactly (checked: a gap or an overlap raises naming the parameter).
@@ -49,13 +51,36 @@ class FlatRange:
         return f"flat[{self.start}:{self.stop}]"
 
 
-Piece = Block | FlatRange
+@dataclass(frozen=True)
+class BlockRange:
+    """Elements [start, stop) of a Block, counted row-major within the block.
+
+    Megatron's distributed optimizer cuts each tensor-parallel shard (a column block for
+    ``partition_dim=1``) into flat ranges of that shard, which are neither a Block nor a range of
+    the complete tensor.
+    """
+
+    block: Block
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        return f"{self.block.describe()}.flat[{self.start}:{self.stop}]"
+
+
+Piece = Block | FlatRange | BlockRange
 
 
 def read_piece(full: torch.Tensor, piece: Piece) -> torch.Tensor:
     """The elements of ``piece`` from a complete tensor, flattened (row-major within the piece)."""
     if isinstance(piece, Block):
         return full[piece.slices()].reshape(-1)
+    if isinstance(piece, BlockRange):
+        return full[piece.block.slices()].reshape(-1)[piece.start:piece.stop]
     return full.reshape(-1)[piece.start:piece.stop]
 
 
@@ -63,6 +88,11 @@ def write_piece(full: torch.Tensor, piece: Piece, data: torch.Tensor) -> None:
     """Inverse of :func:`read_piece`: place flattened ``data`` into ``full``."""
     if isinstance(piece, Block):
         full[piece.slices()] = data.view(piece.sizes).to(full.dtype)
+    elif isinstance(piece, BlockRange):
+        block = full[piece.block.slices()]  # a strided view: write through a row-major copy
+        flat = block.reshape(-1).clone()
+        flat[piece.start:piece.stop] = data.to(full.dtype)
+        block.copy_(flat.view(piece.block.sizes))
     else:
         full.view(-1)[piece.start:piece.stop] = data.to(full.dtype)
 
@@ -75,12 +105,20 @@ def _flat_intervals(piece: Piece, shape: tuple[int, ...]) -> list[tuple[int, int
     """Flat intervals a piece covers (a block is one interval per row of its last dimension)."""
     if isinstance(piece, FlatRange):
         return [(piece.start, piece.stop)]
+    block = piece.block if isinstance(piece, BlockRange) else piece
     strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
     intervals = []
-    lead = [range(o, o + s) for o, s in zip(piece.offsets[:-1], piece.sizes[:-1])]
+    lead = [range(o, o + s) for o, s in zip(block.offsets[:-1], block.sizes[:-1])]
     for index in _product(lead):
-        start = sum(i * st for i, st in zip(index, strides[:-1])) + piece.offsets[-1]
-        intervals.append((start, start + piece.sizes[-1]))
+        start = sum(i * st for i, st in zip(index, strides[:-1])) + block.offsets[-1]
+        intervals.append((start, start + block.sizes[-1]))
+    if isinstance(piece, BlockRange):  # keep the part of each row inside [start, stop) of the block
+        width, clipped = block.sizes[-1], []
+        for row, (a, _) in enumerate(intervals):
+            lo, hi = max(piece.start, row * width), min(piece.stop, (row + 1) * width)
+            if lo < hi:
+                clipped.append((a + lo - row * width, a + hi - row * width))
+        intervals = clipped
     return intervals
 
 
@@ -125,11 +163,15 @@ class ParamLayout:
         """Distinct pieces must be disjoint and cover the tensor exactly."""
         distinct = [p for p, _ in self.holders()]
         for piece in distinct:
-            if isinstance(piece, Block):
-                if len(piece.offsets) != len(self.shape) or any(
-                        o < 0 or o + s > d for o, s, d in zip(piece.offsets, piece.sizes, self.shape)):
+            block = piece.block if isinstance(piece, BlockRange) else piece
+            if isinstance(block, Block):
+                if len(block.offsets) != len(self.shape) or any(
+                        o < 0 or o + s > d for o, s, d in zip(block.offsets, block.sizes, self.shape)):
                     raise ValueError(f"parameter {self.fqn!r}: shard {piece.describe()} lies outside its shape "
                                      f"{tuple(self.shape)}; layout: {self.describe()}")
+                if isinstance(piece, BlockRange) and not 0 <= piece.start <= piece.stop <= block.numel:
+                    raise ValueError(f"parameter {self.fqn!r}: fragment {piece.describe()} lies outside its "
+                                     f"block of {block.numel} elements; layout: {self.describe()}")
             elif piece.start < 0 or piece.stop > self.numel:
                 raise ValueError(f"parameter {self.fqn!r}: fragment {piece.describe()} lies outside its "
                                  f"{self.numel} elements; layout: {self.describe()}")
