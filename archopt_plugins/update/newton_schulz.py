@@ -71,7 +71,7 @@ def newton_schulz(
     The Gram matrix is taken on the smaller side (min(m, n)² in size): XXᵀ for a wide input,
     XᵀX for a tall one, using p(XXᵀ)·X = X·p(XᵀX). A tall input is thus never transposed: no
     strided first iteration and no transposing copy at the end (on CPU this made the 688×256
-    matrices of a small Llama ~25% faster than transposing, measured in benchmarks/step_overhead.py's
+    matrices of a small Llama ~20% faster than transposing, measured in benchmarks/step_overhead.py's
     setting). The output has ``G``'s shape and ``compute_dtype``, contiguous. A zero matrix maps to
     a zero matrix (the ``eps`` keeps 0/0 away).
     """
