@@ -17,8 +17,8 @@ Accelerate setups where the optimizer would be ignored or run the wrong math:
 DDP (``accelerate launch --multi_gpu``, also on CPU) needs nothing: gradients arrive averaged and
 every rank applies the same update. FSDP2 swaps the parameters for ``Shard(0)`` DTensors after
 ``prepare``; the optimizer's state is created at the first step, when the sharding engine also
-discovers the layout and gathers each matrix to its owner (exact updates). ``accelerator.save_state`` / ``load_state`` checkpoint the
-optimizer through its ``state_dict`` like any other.
+discovers the layout and gathers each matrix to its owner (exact updates). ``save_state`` /
+``load_state`` checkpoint the optimizer through its ``state_dict`` like any other.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ class GeometryCallback(TrainerCallback):
         self._optimizer_id: int | None = None
 
     @classmethod
-    def install(cls, trainer: Any, every: int = 10, per_param: bool = False, **monitor_options: Any) -> "GeometryCallback":
+    def install(cls, trainer: Any, every: int = 10, per_param: bool = False,
+                **monitor_options: Any) -> "GeometryCallback":
         """Add a GeometryCallback to ``trainer`` ahead of its ``report_to`` loggers; returns it."""
         callback = cls(every, per_param, **monitor_options)
         callback.installed_first = True

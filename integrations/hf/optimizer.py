@@ -47,8 +47,8 @@ def no_decay_overrides(plan: Plan, model: nn.Module, decay_names: Iterable[str],
     """Overrides giving ``weight_decay=0`` to planned parameters the Trainer would not decay.
 
     A tied tensor is decided by the name the Trainer itself uses for it (its first name in
-    ``named_parameters()``), whichever alias the plan lists. Entries whose rule has no ``weight_decay``, already have 0, or whose weight decay the
-    user's own overrides set need nothing.
+    ``named_parameters()``), whichever alias the plan lists. Entries whose rule has no
+    ``weight_decay``, that already have 0, or whose weight decay the user's overrides set need nothing.
     """
     decay = set(decay_names)
     every_name = dict(model.named_parameters(remove_duplicate=False))
