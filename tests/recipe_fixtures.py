@@ -20,7 +20,7 @@ TINY = {
     "batch": {"micro_batch_size": 4, "global_batch_size": 4, "seq_len": 16},
     "backend": {"kind": "single", "device": "cpu", "threads": 1},
     "checkpoint": {"every_steps": 3, "keep_last": 2},
-    "logging": {"out_dir": "runs/tiny", "progress": False},
+    "logging": {"out_dir": "runs/tiny", "progress": False, "geometry_every": 3},
     "evaluation": {"every_steps": 3, "batches": 2, "ood": ["licenses"]},
     "baseline": {"name": "adamw", "hparams": {"betas": [0.9, 0.95]}, "lr_grid": [1e-3, 3e-3]},
 }

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import Issue, RecipeError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -62,10 +62,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .launch import launch
+    from .runner import select_runs
 
     recipe = _load(args)
+    try:
+        select_runs(recipe, args.only)
+    except ValueError as err:
+        raise RecipeError([Issue("--only", str(err), "name runs as validate lists them after 'runs:'")]) from None
     return launch(recipe, _out_dir(args, recipe), resume=args.resume, node_rank=args.node_rank,
-                  dry_run=args.dry_run)
+                  dry_run=args.dry_run, only=args.only)
 
 
 def _slurm(args: argparse.Namespace) -> int:
@@ -102,6 +107,8 @@ def add_recipe_commands(sub: Any) -> None:
     r.add_argument("--node-rank", type=int, default=None,
                    help="multi-node recipes: launch node K here (without it the per-node commands are printed)")
     r.add_argument("--dry-run", action="store_true", help="print the launch command instead of running it")
+    r.add_argument("--only", action="append", default=None, metavar="RUN",
+                   help="run only this run of the recipe (repeatable), e.g. --only 'adamw lr=0.001'")
     r.set_defaults(func=_guarded(_run))
 
     s = sub.add_parser("slurm", help="write an sbatch script that launches the recipe on its nodes")

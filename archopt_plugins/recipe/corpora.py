@@ -46,14 +46,16 @@ def stdlib_documents(max_bytes: int | None, holdout_percent: int) -> DocumentSpl
     root = stdlib_root()
     train, val, train_bytes = [], [], 0
     for path in stdlib_files(root):
-        rel = path.relative_to(root).as_posix()
+        held_out = _is_validation(path.relative_to(root).as_posix(), holdout_percent)
+        if not held_out and max_bytes is not None and train_bytes >= max_bytes:
+            continue  # decided by the path alone: unread files cost nothing
         try:
             data = path.read_bytes()
         except OSError:
             continue
-        if _is_validation(rel, holdout_percent):
+        if held_out:
             val.append(data)
-        elif max_bytes is None or train_bytes < max_bytes:
+        else:
             train.append(data)
             train_bytes += len(data) + 1
     return DocumentSplit(train, val, f"Python {sysconfig.get_python_version()} standard library sources ({root})")

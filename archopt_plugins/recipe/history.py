@@ -47,6 +47,7 @@ class RunHistory:
     ood_loss: dict[str, list[float]] = field(default_factory=dict)  # per OOD set, at eval_steps
     train_seconds: list[float] = field(default_factory=list)  # training time (no eval/checkpoints) at eval_steps
     skipped_steps: int = 0
+    geometry: dict[str, float] = field(default_factory=dict)  # the last GeometryMonitor measurement
     finished: bool = False
 
     def first_step_reaching(self, target: float) -> int | None:

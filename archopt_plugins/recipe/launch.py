@@ -38,8 +38,9 @@ def write_resolved(recipe: Recipe, out_dir: Path) -> Path:
     return path
 
 
-def worker_args(resolved: Path, out_dir: Path, resume: bool) -> list[str]:
-    return ["-m", WORKER_MODULE, str(resolved), "--out", str(out_dir)] + (["--resume"] if resume else [])
+def worker_args(resolved: Path, out_dir: Path, resume: bool, only: list[str] | None = None) -> list[str]:
+    selected = [a for label in only or [] for a in ("--only", label)]
+    return ["-m", WORKER_MODULE, str(resolved), "--out", str(out_dir)] + (["--resume"] if resume else []) + selected
 
 
 def torchrun_args(recipe: Recipe, node_rank: int | None = None, python: str | None = None) -> list[str]:
@@ -56,14 +57,15 @@ def torchrun_args(recipe: Recipe, node_rank: int | None = None, python: str | No
                   f"--rdzv-id={launch.rdzv_id}", *host] + common
 
 
-def node_commands(recipe: Recipe, resolved: Path, out_dir: Path, resume: bool) -> list[str]:
+def node_commands(recipe: Recipe, resolved: Path, out_dir: Path, resume: bool,
+                  only: list[str] | None = None) -> list[str]:
     """The shell command node K runs, for every K."""
-    return [shlex.join(torchrun_args(recipe, k) + worker_args(resolved, out_dir, resume))
+    return [shlex.join(torchrun_args(recipe, k) + worker_args(resolved, out_dir, resume, only))
             for k in range(recipe.launch.nodes)]
 
 
 def launch(recipe: Recipe, out_dir: Path, resume: bool = False, node_rank: int | None = None,
-           dry_run: bool = False) -> int:
+           dry_run: bool = False, only: list[str] | None = None) -> int:
     """Run the recipe as its launch section says; returns the exit status."""
     resolved = write_resolved(recipe, out_dir)
     if node_rank is not None and not 0 <= node_rank < recipe.launch.nodes:
@@ -71,25 +73,25 @@ def launch(recipe: Recipe, out_dir: Path, resume: bool = False, node_rank: int |
                          f"use 0 … {recipe.launch.nodes - 1}")
     if recipe.world_size == 1:
         if dry_run:
-            print(shlex.join([sys.executable] + worker_args(resolved, out_dir, resume)))
+            print(shlex.join([sys.executable] + worker_args(resolved, out_dir, resume, only)))
             return 0
         from .distributed import init_distributed, shutdown_distributed
         from .runner import run_recipe
 
         ctx = init_distributed(recipe)
         try:
-            run_recipe(recipe, ctx, out_dir, resume=resume)
+            run_recipe(recipe, ctx, out_dir, resume=resume, only=only)
         finally:
             shutdown_distributed()
         return 0
     if recipe.launch.nodes > 1 and node_rank is None:
         print(f"{recipe.launch.nodes} nodes × {recipe.launch.nproc_per_node} processes: run on node K "
               f"(rendezvous at {recipe.launch.rdzv_endpoint}, which node 0 must serve):")
-        for k, command in enumerate(node_commands(recipe, resolved, out_dir, resume)):
+        for k, command in enumerate(node_commands(recipe, resolved, out_dir, resume, only)):
             print(f"  node {k}: {command}")
         print("or on each node: archopt run RECIPE --node-rank K (same --set edits); OUT must be shared storage")
         return 0
-    command = torchrun_args(recipe, node_rank) + worker_args(resolved, out_dir, resume)
+    command = torchrun_args(recipe, node_rank) + worker_args(resolved, out_dir, resume, only)
     print("launching:", shlex.join(command), flush=True)
     if dry_run:
         return 0

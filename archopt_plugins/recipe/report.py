@@ -78,10 +78,34 @@ def markdown_report(recipe: Recipe, histories: dict[str, RunHistory], plot_name:
     lines += ["", "final train: mean of the last 10% of steps; losses in nats per token; training seconds exclude "
               f"evaluation and checkpoints; evaluation every {recipe.evaluation.every_steps} steps on "
               f"{recipe.evaluation.batches} held-out batches.", "", f"![loss curves]({plot_name})", ""]
+    lines += geometry_table(histories)
     skipped = {h.label: h.skipped_steps for h in histories.values() if h.skipped_steps}
     if skipped:
         lines += [f"Steps skipped for non-finite gradients: {skipped}", ""]
     return "\n".join(lines)
+
+
+GEOMETRY_COLUMNS = ("update_rms", "relative_update", "angular_update", "effective_lr", "weight_norm")
+
+
+def geometry_table(histories: dict[str, RunHistory]) -> list[str]:
+    """Per run and role, the last GeometryMonitor measurement (logging.geometry_every > 0)."""
+    lines = []
+    for h in histories.values():
+        roles: dict[str, dict[str, float]] = {}
+        for key, value in h.geometry.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "geometry" and parts[2] in GEOMETRY_COLUMNS:
+                roles.setdefault(parts[1], {})[parts[2]] = value
+        if not roles:
+            continue
+        lines += [f"Geometry of {h.label} at its last measurement (`geometry/<role>/<metric>` in metrics.jsonl):",
+                  "", "| role | " + " | ".join(GEOMETRY_COLUMNS) + " |", "|" + "---|" * (len(GEOMETRY_COLUMNS) + 1)]
+        for role, values in sorted(roles.items()):
+            lines.append(f"| {role} | " + " | ".join(_fmt(values.get(c), ".3g") if c in values else "-"
+                                                   for c in GEOMETRY_COLUMNS) + " |")
+        lines.append("")
+    return lines
 
 
 def plot_curves(recipe: Recipe, histories: dict[str, RunHistory], path: Path, target: float | None = None) -> None:

@@ -172,6 +172,13 @@ def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, 
     if ctx.is_main and start:
         print(f"{spec.label}: resumed from {latest} at step {start}")
     metrics = _Metrics(recipe, run_dir, out_dir / "tensorboard" / spec.folder, start, ctx.is_main)
+    monitor = None
+    if recipe.logging.geometry_every:
+        from ..monitor import GeometryMonitor
+
+        monitor = GeometryMonitor(engine.optimizer, every=recipe.logging.geometry_every)
+        # measure on the steps whose 1-based number divides by `every` (as evaluation), also after a resume
+        monitor.steps_seen = start + 1
 
     sets = ["val"] + [f"ood/{name}" for name in recipe.evaluation.ood]
     batch = recipe.batch
@@ -196,8 +203,11 @@ def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, 
                 loss = engine.forward_loss(mb)
                 engine.backward(loss / accum)
             loss_sum += float(loss.detach())
+        if monitor is not None:
+            monitor.before_step()
         engine.step()
-        seconds += time.perf_counter() - began
+        seconds += time.perf_counter() - began  # the monitor's own work is outside the measured time
+        geometry = monitor.after_step() if monitor is not None else {}
         done = step + 1
         train_loss = ctx.sum_floats([loss_sum / accum])[0] / ctx.world_size
         history.steps.append(done)
@@ -214,7 +224,10 @@ def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, 
             row.update({"val_loss": losses["val"], "train_seconds": seconds,
                         **{f"ood_loss/{s[4:]}": losses[s] for s in sets[1:]}})
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{losses['val']:.3f}")
-        if done % recipe.logging.log_every == 0 or "val_loss" in row:
+        if geometry:
+            history.geometry = {k: float(v) for k, v in geometry.items()}
+            row.update(history.geometry)
+        if done % recipe.logging.log_every == 0 or "val_loss" in row or geometry:
             metrics.log(row)
         every = recipe.checkpoint.every_steps
         if (every and done % every == 0) or done == recipe.schedule.steps:
@@ -233,9 +246,22 @@ def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, 
     return history
 
 
+def select_runs(recipe: Recipe, only: list[str] | None = None) -> list[RunSpec]:
+    """The recipe's runs, or those labelled in ``only`` (e.g. "adamw lr=0.001"); an unknown label is an error."""
+    specs = run_specs(recipe)
+    if not only:
+        return specs
+    labels = [s.label for s in specs]
+    unknown = [label for label in only if label not in labels]
+    if unknown:
+        raise ValueError(f"--only {unknown[0]!r}: no such run in this recipe; its runs: {labels}")
+    return [s for s in specs if s.label in only]
+
+
 def run_recipe(recipe: Recipe, ctx: DistContext, out_dir: Path, resume: bool = False,
-               progress: bool | None = None) -> dict[str, RunHistory]:
-    """Every run of the recipe, then (main rank) the report. A restarted elastic worker resumes."""
+               progress: bool | None = None, only: list[str] | None = None) -> dict[str, RunHistory]:
+    """Every run of the recipe (or those in ``only``), then (main rank) the report. A restarted elastic
+    worker resumes."""
     from .report import write_report
 
     resume = resume or ctx.restart_count > 0
@@ -247,7 +273,7 @@ def run_recipe(recipe: Recipe, ctx: DistContext, out_dir: Path, resume: bool = F
               f"{ctx.world_size} process(es), backend {recipe.backend.kind}, {recipe.schedule.steps} steps × "
               f"{recipe.tokens_per_step} tokens (grad accumulation {recipe.grad_accum})", flush=True)
     histories = {}
-    for spec in run_specs(recipe):
+    for spec in select_runs(recipe, only):
         histories[spec.label] = train_run(recipe, spec, data, ctx, out_dir, resume, progress)
     if ctx.is_main:
         write_report(recipe, histories, out_dir)

@@ -125,6 +125,7 @@ class LoggingSection(Section):
     tensorboard: bool = True
     progress: bool = True
     log_every: int = Field(1, ge=1)
+    geometry_every: int = Field(0, ge=0, description="GeometryMonitor every k steps (0: off): angles, update RMS")
 
 
 class EvaluationSection(Section):

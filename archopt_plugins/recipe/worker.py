@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--only", action="append", default=None)
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe)
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = init_distributed(recipe)
     try:
-        run_recipe(recipe, ctx, Path(args.out), resume=args.resume)
+        run_recipe(recipe, ctx, Path(args.out), resume=args.resume, only=args.only)
     finally:
         shutdown_distributed()
     return 0

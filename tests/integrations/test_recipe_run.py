@@ -35,6 +35,10 @@ def test_run_trains_every_run_and_writes_the_report(tmp_path, capsys):
         assert list((out / "tensorboard" / run).glob("events.out.tfevents.*"))
     report = (out / "report.md").read_text()
     assert "Target: the best baseline's final validation loss" in report and "OOD licenses" in report
+    # geometry diagnostics (logging.geometry_every = 3): in the metrics and in the report, per role
+    rows = [json.loads(line) for line in (out / "archopt_muon" / "metrics.jsonl").read_text().splitlines()]
+    assert "geometry/attn_q/update_rms" in rows[2] and "geometry/attn_q/update_rms" not in rows[1]
+    assert "Geometry of archopt muon at its last measurement" in report and "| mlp_in |" in report
     assert (out / "curves.png").stat().st_size > 5000
     # the resolved recipe the run used is saved beside the results
     assert "global_batch_size: 4" in (out / "recipe.yaml").read_text()
@@ -98,3 +102,13 @@ def test_reach_table_ratios():
     assert by["archopt muon"].steps == 20 and abs(by["archopt muon"].step_ratio - 20 / 30) < 1e-12
     assert abs(by["archopt muon"].seconds_ratio - 4.0 / 3.0) < 1e-12 and by["archopt muon"].tokens == 2000
     assert by["adamw lr=0.01"].steps is None
+
+
+def test_only_runs_the_named_runs_and_refuses_unknown_labels(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny(**{"schedule.steps": 2, "evaluation.ood": [],
+                                                          "logging.tensorboard": False}))
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--out", str(out), "--only", "adamw lr=0.003"]) == 0
+    assert [p.parent.name for p in sorted(out.glob("*/result.json"))] == ["adamw_lr=0.003"]
+    assert main(["run", str(recipe), "--out", str(out), "--only", "adamw lr=9"]) == 2
+    assert "--only: --only 'adamw lr=9': no such run in this recipe" in capsys.readouterr().err
