@@ -231,3 +231,15 @@ class ArchOpt(torch.optim.Optimizer):
                                          f"{expected.get(key, 'no such state')} for the parameter {tuple(p.shape)} "
                                          "here: saved from another model or with other hyperparameters")
         super().load_state_dict(state_dict)
+        # torch casts floating-point state to its parameter's dtype on load; ArchOpt keeps float32
+        # state for low-precision parameters (update.kernel.state_dtype), so a bf16 model's moments
+        # would silently continue in bf16. Restore the dtypes the checkpoint was saved with.
+        saved_state = state_dict.get("state", {})
+        for saved, group in zip(saved_groups, self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                state = self.state.get(p, {})
+                for key, value in saved_state.get(index, {}).items():
+                    loaded = state.get(key)
+                    if (isinstance(value, torch.Tensor) and isinstance(loaded, torch.Tensor)
+                            and value.is_floating_point() and loaded.dtype != value.dtype):
+                        state[key] = loaded.to(value.dtype)

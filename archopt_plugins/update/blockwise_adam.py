@@ -23,6 +23,8 @@ the per-coordinate 1/(√v̂ + ε), ``apply`` multiplies it into m̂ and writes 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .kernel import HParams, MatrixBatch, MatrixKernel, add_scaled_, zeros_state
@@ -47,13 +49,15 @@ class BlockwiseAdamKernel(MatrixKernel):
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
         return {"exp_avg": zeros_state(param)}
 
-    def state_bytes(self, shape, matrix_shape, hp):
-        numel = 1
-        for d in shape:
-            numel *= d
+    state_shapes_complete = True  # a checkpoint made with another block setting is refused on load
+
+    def state_shapes(self, shape, matrix_shape, hp):
         count, rows, _ = matrix_shape
-        blocks = count * rows if hp.get("block", "row") == "row" else count
-        return 4 * (numel + blocks)
+        blocks = (count, rows, 1) if hp.get("block", "row") == "row" else (count, 1, 1)
+        return {"exp_avg": tuple(shape), "exp_avg_sq": blocks}
+
+    def state_bytes(self, shape, matrix_shape, hp):
+        return 4 * sum(math.prod(s) for s in self.state_shapes(tuple(shape), matrix_shape, hp).values())
 
     def cost(self, count: int, fan_out: int, fan_in: int) -> float:
         return float(count) * fan_out * fan_in

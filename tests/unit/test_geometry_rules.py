@@ -1,6 +1,7 @@
 """Lion, Scion's LMOs and blockwise Adam as ArchOpt runs them, against their fp64 references,
 plus the names' role policies and keyword routing."""
 
+import copy
 import math
 
 import pytest
@@ -202,9 +203,12 @@ def test_blockwise_second_moment_of_another_block_setting_is_refused():
     opt = build_optimizer([W], "blockwise_adam", block="row")
     W.grad = torch.randn(6, 4)
     opt.step()
-    state = opt.state_dict()
+    state = copy.deepcopy(opt.state_dict())  # state_dict() shares the live state tensors
     state["state"][0]["exp_avg_sq"] = torch.zeros(1, 1, 1)
-    opt.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"parameter 'group0.param0': checkpoint state 'exp_avg_sq' has shape "
+                                         r"\(1, 1, 1\), but rule 'blockwise_adam' keeps \(1, 6, 1\)"):
+        build_optimizer([W], "blockwise_adam", block="row").load_state_dict(state)
+    opt.param_groups[0]["block"] = "tensor"  # changed under a live optimizer
     with pytest.raises(ValueError, match=r"parameter 'group0.param0': its blockwise second moment has shape"):
         opt.step()
 
