@@ -85,7 +85,8 @@ def conv_structure(module: nn.Module) -> ParamStructure:
 
 
 def is_embedding(module: nn.Module) -> bool:
-    return isinstance(module, _EMBED_TYPES)
+    # Megatron's VocabParallelEmbedding stores [vocab, width] (per TP rank: a block of vocabulary rows).
+    return isinstance(module, _EMBED_TYPES) or "VocabParallelEmbedding" in _class_names(module)
 
 
 def is_attention(module: nn.Module) -> bool:

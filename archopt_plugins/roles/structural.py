@@ -44,6 +44,10 @@ def _mlp_roles(module: nn.Module) -> list[tuple[object, str, ParamStructure]]:
 
 def _output_head(model: nn.Module, claimed: dict[int, ParamRole]) -> object | None:
     """The output head's weight tensor, or None when the model has none we can identify."""
+    if any(c.__name__ == "LanguageModule" for c in type(model).__mro__):
+        # Megatron-core language models (GPTModel …) keep their head in ``output_layer``, a
+        # ColumnParallelLinear whose weight is None when it is tied to the word embeddings.
+        return getattr(getattr(model, "output_layer", None), "weight", None)
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
         try:
