@@ -142,6 +142,21 @@ def _check_megatron(r: Recipe) -> list[Issue]:
     return issues
 
 
+def _check_megatron_recipe(r: Recipe) -> list[Issue]:
+    issues = _check_megatron(r)
+    if module_available("megatron.core"):  # the adapter's own rules (model family, device, overrides)
+        from ..integrations.megatron.recipe_runner import recipe_issues
+
+        issues += recipe_issues(r)
+    return issues
+
+
+def _megatron_train_run(*args: Any, **kwargs: Any) -> Any:
+    from ..integrations.megatron.recipe_runner import megatron_train_run  # imports megatron-core when run
+
+    return megatron_train_run(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Backend:
     kind: str
@@ -152,6 +167,9 @@ class Backend:
     extra: str | None = None  # the pip extra that installs them
     check: Callable[[Recipe], list[Issue]] | None = None
     owns_keys: tuple[str, ...] = field(default=())  # backend.* keys only this backend may set
+    # A backend that trains each run itself instead of driving an Engine (megatron: its own model,
+    # parallel state, scheduler and checkpoints); same signature as runner.train_run.
+    train_run: Callable[..., Any] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -174,8 +192,8 @@ for _b in (
             unavailable="it arrives with the DeepSpeed adapter (integrations/deepspeed)", modules=("deepspeed",),
             extra="deepspeed", check=_check_deepspeed, owns_keys=("zero_stage",)),
     Backend("megatron", "Megatron-core tensor parallel (backend.tensor_parallel) × data parallel",
-            unavailable="it arrives with the Megatron adapter (integrations/megatron)", modules=("megatron.core",),
-            extra="megatron", check=_check_megatron, owns_keys=("tensor_parallel",)),
+            modules=("megatron.core",), extra="megatron", check=_check_megatron_recipe,
+            owns_keys=("tensor_parallel",), train_run=_megatron_train_run),
 ):
     register_backend(_b)
 
@@ -197,8 +215,8 @@ def backend_issues(recipe: Recipe) -> list[Issue]:
     if backend is None:
         return [Issue("backend.kind", "unknown backend", f"use one of {sorted(BACKENDS)}", kind)]
     issues = []
-    if backend.make_engine is None:
-        runnable = sorted(k for k, b in BACKENDS.items() if b.make_engine is not None)
+    if backend.make_engine is None and backend.train_run is None:
+        runnable = sorted(k for k, b in BACKENDS.items() if b.make_engine is not None or b.train_run is not None)
         issues.append(Issue("backend.kind", f"backend {kind!r} is not available in this version of archopt-plugins "
                             f"({backend.unavailable})", f"use one of the available backends {runnable}", kind))
     else:

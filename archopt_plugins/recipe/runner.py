@@ -273,8 +273,11 @@ def run_recipe(recipe: Recipe, ctx: DistContext, out_dir: Path, resume: bool = F
               f"{ctx.world_size} process(es), backend {recipe.backend.kind}, {recipe.schedule.steps} steps × "
               f"{recipe.tokens_per_step} tokens (grad accumulation {recipe.grad_accum})", flush=True)
     histories = {}
+    from .backends import BACKENDS
+
+    train = BACKENDS[recipe.backend.kind].train_run or train_run  # megatron trains each run itself
     for spec in select_runs(recipe, only):
-        histories[spec.label] = train_run(recipe, spec, data, ctx, out_dir, resume, progress)
+        histories[spec.label] = train(recipe, spec, data, ctx, out_dir, resume, progress)
     if ctx.is_main:
         write_report(recipe, histories, out_dir)
     return histories

@@ -16,7 +16,7 @@ WORLD4 = ["fsdp_llama", "hsdp_llama", "fsdp_tp_llama", "fsdp_moe", "flat_fragmen
 # Megatron CPU smoke tests (cases_megatron.py): last in each launch, they patch megatron-core's CUDA calls
 # for their own duration only.
 WORLD2 += ["megatron_tp2"]
-WORLD4 += ["megatron_tp2_dp2"]
+WORLD4 += ["megatron_tp2_dp2", "megatron_recipe"]
 
 
 @pytest.fixture(scope="session")
