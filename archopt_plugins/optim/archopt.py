@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..planner.names import get_name
 from ..planner.plan import Plan, PlanEntry, make_plan
 from ..planner.rules import GLOBAL_HPARAMS, get_rule
 from ..roles.types import ParamStructure
@@ -33,7 +34,9 @@ _GROUP_META = ("params", "param_names", "rule", "initial_lr", "skipped_steps") +
 
 
 def _groups_from_plan(plan: Plan, tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """One group per distinct (rule, hyperparameters), in order of first appearance."""
+    """One group per distinct (rule, hyperparameters), in order of first appearance — except that the
+    groups of the name's own rule come first: trainers and schedulers report ``param_groups[0]["lr"]``
+    as "the" learning rate, which should be Muon's under "muon", not the embeddings' AdamW."""
     groups: dict[tuple, dict[str, Any]] = {}
     for entry in plan.entries:
         key = (entry.rule, tuple(sorted(entry.hparams.items())))
@@ -44,7 +47,8 @@ def _groups_from_plan(plan: Plan, tensors: dict[str, torch.Tensor]) -> list[dict
             groups[key] = group
         group["params"].append(tensors[entry.fqn])
         group["param_names"].append(entry.fqn)
-    return list(groups.values())
+    main = get_name(plan.name).main_rule
+    return sorted(groups.values(), key=lambda g: g["rule"] != main)
 
 
 class ArchOpt(torch.optim.Optimizer):

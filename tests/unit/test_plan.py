@@ -111,3 +111,9 @@ def test_plan_entries_are_frozen(llama):
         e.rule = "muon"
     with pytest.raises(TypeError):
         e.hparams["lr"] = 1.0
+
+
+def test_the_names_own_rule_leads_the_param_groups(llama):
+    """Trainers log param_groups[0]["lr"]: under "muon" that must be Muon's learning rate."""
+    opt = build_optimizer(llama, "muon", lr=0.03, adamw_lr=1e-3)
+    assert opt.param_groups[0]["rule"] == "muon" and opt.param_groups[0]["lr"] == 0.03
