@@ -18,12 +18,12 @@ from typing import Any
 from .config import archopt_name, is_archopt_type, type_name, type_names
 
 _LAZY = {  # these import torch / deepspeed when first used
-    "enable": ".enable",
-    "disable": ".enable",
-    "is_enabled": ".enable",
-    "check_config": ".enable",
-    "SUPPORTED_DEEPSPEED": ".enable",
-    "UnsupportedDeepSpeedVersion": ".enable",
+    "enable": ".registration",
+    "disable": ".registration",
+    "is_enabled": ".registration",
+    "check_config": ".registration",
+    "SUPPORTED_DEEPSPEED": ".registration",
+    "UnsupportedDeepSpeedVersion": ".registration",
     "DeepSpeedArchOpt": ".optimizer",
     "save_resharded": ".checkpoint",
     "load_resharded": ".checkpoint",

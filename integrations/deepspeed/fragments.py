@@ -107,6 +107,15 @@ class FragmentBridge:
                         self.pending[u].narrow(0, offset, numel))
         return out
 
+    def pieces_of_masters(self) -> dict[str, torch.Tensor]:
+        """fqn -> this rank's fp32 master elements (a flat view into DeepSpeed's buffer; empty if none)."""
+        empty = self.units[0].flat.new_empty(0) if self.units else torch.empty(0)
+        out = {}
+        for fqn in self.ranges:
+            view = self.views.get(fqn)
+            out[fqn] = empty if view is None else self.units[view[0]].flat.detach().narrow(0, view[1], view[2])
+        return out
+
     def finish(self, last: list[torch.Tensor]) -> None:
         """Refresh DeepSpeed's low-precision copies of the units it copied before their late update."""
         done = {self.unit_of(f) for f in last}
