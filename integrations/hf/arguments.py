@@ -225,10 +225,10 @@ def check_stack(args: Any) -> None:
             f"block from the ds_config to train with {value}, or drop --optim {value} to keep DeepSpeed's")
     if ds is not None or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ValueError(
-            f"--optim {value} with DeepSpeed is not supported yet: ZeRO steps the optimizer on flat "
-            "partitions, which archopt's matrix rules must map back to whole matrices (the DeepSpeed "
-            "adapter, archopt_plugins.integrations.deepspeed, is not available in this version). "
-            "Train without --deepspeed, or use DeepSpeed's own optimizer")
+            f"--optim {value} with DeepSpeed is not supported yet through --optim: ZeRO would step the "
+            "Trainer's optimizer on flat partitions it cannot map back to matrices. Put the optimizer in the "
+            "ds_config instead, \"optimizer\": {\"type\": \"ArchOpt<Name>\", \"params\": {...}}, and call "
+            "archopt_plugins.integrations.deepspeed.enable() in the script (docs/deepspeed.md)")
     if _fsdp_version(args) == 1:
         raise ValueError(
             f"--optim {value} with FSDP1 (fsdp_config version 1) is not supported: FSDP1 hands the optimizer "
