@@ -140,6 +140,9 @@ class Runner:
         return state_bytes(dict(self.opt.state)) / sum(p.numel() for p in self.params)
 
 
+LOAD: list[float] = []  # 1-minute load averages seen during the run (the machine is shared)
+
+
 def run(repeats: int, only: set[str] | None) -> list[dict]:
     grads = make_grads()
     rows = []
@@ -157,6 +160,7 @@ def run(repeats: int, only: set[str] | None) -> list[dict]:
             print(f"  warmed up {label}", file=sys.stderr)
         times: dict[str, list[float]] = {label: [] for label in runners}
         for _ in range(repeats):
+            LOAD.append(os.getloadavg()[0])
             for label, runner in list(runners.items()):
                 try:
                     times[label].append(runner.cycle())
@@ -192,7 +196,8 @@ def render(rows: list[dict], command: str, repeats: int) -> str:
         "",
         f"Command: `{command}` — {datetime.date.today().isoformat()}, {platform.machine()} "
         f"{platform.processor() or ''} with {os.cpu_count()} cores, shared with other developers' jobs "
-        f"while it ran; {torch.get_num_threads()} torch threads; {versions}.",
+        f"while it ran (1-minute load average {min(LOAD, default=0):.0f}–{max(LOAD, default=0):.0f} during the "
+        f"timed repeats); {torch.get_num_threads()} torch threads; {versions}.",
         "",
         f"Parameters: one width-256 transformer block's matrices ({', '.join('x'.join(map(str, s)) for s in SHAPES)}; "
         f"{sum(a * b for a, b in SHAPES) / 1e6:.2f}M numbers), fixed gradients, preconditioning every {FREQ} "
