@@ -3,11 +3,13 @@
 Each entry of ``BACKENDS`` says what the backend needs (importable modules = its extra, its own
 cross-field rules) and how to build an ``Engine`` — the object the training loop drives:
 ``forward`` → ``backward`` (``accumulate()`` around all but the last micro-batch) → ``step`` →
-``state_dict``/``load_state_dict`` for checkpoints. ``single`` and ``ddp`` run in this version.
+``state_dict``/``load_state_dict`` for checkpoints — or, for a stack that owns its whole loop
+(megatron: its model, parallel state, scheduler and checkpoints), a ``train_run`` with the
+signature of ``runner.train_run``. ``single``, ``ddp`` and ``megatron`` (CUDA) run in this version.
 
-The sharded backends are described (so recipes can name them and validation checks their sizes)
-but have no engine yet; validation rejects them with a message naming ``backend.kind``. The issue
-that brings one registers it, replacing the placeholder entry::
+The other sharded backends are described (so recipes can name them and validation checks their
+sizes) but have neither yet; validation rejects them with a message naming ``backend.kind``. The
+issue that brings one registers it, replacing the placeholder entry::
 
     from archopt_plugins.recipe.backends import Backend, register_backend
     register_backend(Backend("fsdp2", "...", make_engine=make_fsdp2_engine, modules=("torch",)))
