@@ -40,6 +40,12 @@ def _flat_shard(key: str, data: torch.Tensor, global_numel: int, offset: int, re
                          replica_id=(0, replica, 0))
 
 
+def _has_state(archopt: Any) -> bool:
+    """Whether every planned parameter has its state (it is created at the first step)."""
+    params = [p for g in archopt.param_groups for p in g["params"]]
+    return all(archopt.state.get(p) for p in params)
+
+
 class ArchOptDistributedOptimizer(DistributedOptimizer):
     """See ``optimizer.py`` for the step and this module's docstring for checkpoints."""
 
@@ -83,9 +89,9 @@ class ArchOptDistributedOptimizer(DistributedOptimizer):
     def sharded_state_dict(self, model_sharded_state_dict: Any = None, is_loading: bool = False,
                            sharding_type: Any = None, metadata: Any = None) -> dict[str, Any]:
         inner = self.optimizer
-        if is_loading:
-            inner.init_state()
         archopt = inner.archopt
+        if is_loading and not _has_state(archopt):
+            inner.init_state()  # a fresh optimizer: create the tensors the checkpoint is read into
         kernels = {n: get_rule(archopt._entries[n].rule).kernel for n in archopt._entries}
         param_state: dict[str, dict[str, ShardedTensor]] = {}
         for name, param, shard, offset, numel, replica in self._placements():
@@ -135,7 +141,7 @@ class ArchOptDistributedOptimizer(DistributedOptimizer):
             ours.update(saved)
         if self.grad_scaler is not None and "grad_scaler" in common:
             self.grad_scaler.load_state_dict(common["grad_scaler"])
-        if not archopt.state or any(not s for s in archopt.state.values()):
+        if not _has_state(archopt):
             inner.init_state()
         loaded = state_dict.get("param_state", {})
         with torch.no_grad():

@@ -134,7 +134,9 @@ class MegatronInnerOptimizer(torch.optim.Optimizer):
 
 
 def _init_state_fn(inner: MegatronInnerOptimizer, config: Any = None) -> None:
-    if not inner.archopt.state or all(not s for s in inner.archopt.state.values()):
+    """Megatron's hook to create optimizer state before a checkpoint is read into it."""
+    params = [p for g in inner.archopt.param_groups for p in g["params"]]
+    if not all(inner.archopt.state.get(p) for p in params):
         inner.init_state()
 
 

@@ -201,4 +201,28 @@ def test_shim_is_not_shipped():
             for name in files:
                 if name.endswith(".py"):
                     with open(os.path.join(dirpath, name)) as f:
-                        assert "megatron_cpu_shim" not in f.read(), os.path.join(dirpath, name)
+                        text = f.read()
+                    assert "import megatron_cpu_shim" not in text and "from megatron_cpu_shim" not in text, name
+
+
+def test_megatron_recipe_validates_and_scales_out_through_its_launch_section(tmp_path, monkeypatch):
+    """The shipped Megatron recipe: valid as shipped (8 GPUs, TP 2 × DP 4); 4 nodes give 4 torchrun commands of
+    8 processes each and TP 2 × DP 16 with fewer accumulation steps; a CPU run is refused outside the tests."""
+    import yaml
+
+    from archopt_plugins.recipe.errors import RecipeError
+    from archopt_plugins.recipe.launch import node_commands
+    from archopt_plugins.recipe.validate import load_recipe, validate_data
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "gpu", "megatron_llama_tp2_8gpu.yaml")
+    recipe = load_recipe(path)
+    assert (recipe.backend.kind, recipe.data_parallel_size, recipe.grad_accum) == ("megatron", 4, 4)
+    big = load_recipe(path, ["launch.nodes=4", "launch.rdzv_endpoint=head:29500"])
+    assert (big.data_parallel_size, big.grad_accum) == (16, 1)
+    commands = node_commands(big, tmp_path / "recipe.yaml", tmp_path, resume=False)
+    assert len(commands) == 4 and all("--nproc-per-node=8" in c and "--nnodes=4" in c for c in commands)
+    data = yaml.safe_load(open(path).read())
+    data["backend"]["device"] = "cpu"
+    monkeypatch.delenv("ARCHOPT_MEGATRON_CPU_SHIM", raising=False)  # set only while the test shim is active
+    with pytest.raises(RecipeError, match=r"backend.device.*megatron-core needs CUDA"):
+        validate_data(data)
