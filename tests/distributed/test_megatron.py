@@ -63,7 +63,8 @@ def test_megatron_checkpoint_loads_at_another_dp_size_smoke(world4):
 
 
 def test_megatron_recipe_trains_checkpoints_and_resumes_smoke(world4):
-    """recipes/gpu/megatron_llama_tp2_8gpu.yaml shrunk to CPU: TP 2 × DP 2, micro-batches, schedule, dist checkpoints."""
+    """recipes/gpu/megatron_llama_tp2_8gpu.yaml shrunk to CPU: TP 2 × DP 2, micro-batches, schedule,
+    dist checkpoints."""
     res = result(world4, "megatron_recipe")
     assert res["runs"] == ["adamw lr=0.001", "archopt muon"] and res["report_mentions_runs"]
     assert res["checkpoints"] == ["step_00000003", "step_00000006"]

@@ -74,7 +74,8 @@ def _build(config):
 
 
 def _states_by_name(inner) -> dict:
-    return {n: inner.archopt.state[p] for g in inner.archopt.param_groups for n, p in zip(g["param_names"], g["params"])}
+    groups = inner.archopt.param_groups
+    return {n: inner.archopt.state[p] for g in groups for n, p in zip(g["param_names"], g["params"])}
 
 
 def _snapshot(inner) -> dict:
