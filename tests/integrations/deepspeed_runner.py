@@ -1,6 +1,7 @@
 """One torchrun launch runs many DeepSpeed cases (``deepspeed_cases.py``); pytest reads their results.
 
     python -m torch.distributed.run --standalone --nproc_per_node N deepspeed_runner.py OUT CASE [CASE ...]
+    deepspeed --num_nodes 1 --num_gpus N deepspeed_runner.py OUT CASE [CASE ...]     # DeepSpeed's launcher
 
 Results (or the traceback of a case that raised) land in ``OUT/<case>.json`` (rank 0) and
 ``OUT/<case>.rank<r>.json`` for a rank that failed. The adapter is enabled with the one line a
@@ -39,7 +40,8 @@ def main() -> None:
     deepspeed.init_distributed("gloo", timeout=datetime.timedelta(seconds=300))
     from deepspeed_cases import CASES
 
-    out, names = Path(sys.argv[1]), sys.argv[2:]
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    out, names = Path(args[0]), args[1:]
     rank = dist.get_rank()
     for name in names:
         start = time.perf_counter()

@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO-0/1/2/3 with ds_config ``ArchOpt<Name>`` entries, CPU + gloo (DS_ACCELERATOR=cpu).
 
-Two launches of ``deepspeed_runner.py``: world 2 (parity of every name under every stage, a model
-built under ``zero.Init``, bf16, checkpoint resume, refusals, the HF Trainer with ``deepspeed=``),
-then world 1 (continuing a world-2 ZeRO-3 run under ZeRO-1 from ``save_resharded``). Bars as in
+Two launches of ``deepspeed_runner.py``: world 2 with torchrun (parity of every name under every
+stage, a model built under ``zero.Init``, bf16, checkpoint resume, refusals, the HF Trainer with
+``deepspeed=``), then world 1 with DeepSpeed's own ``deepspeed`` launcher (continuing a world-2 ZeRO-3
+run under ZeRO-1 from ``save_resharded``). Bars as in
 ``tests/distributed/test_engine.py``: 5e-5 after 10 steps with fp32 matrix math, looser end-to-end
 bars for the eigenbasis rules (degenerate eigenvectors amplify reduction-order noise).
 """
@@ -10,6 +11,7 @@ bars for the eigenbasis rules (degenerate eigenvectors amplify reduction-order n
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +33,20 @@ WORLD2 = ["parity_fp32", "zero_init", "bf16", "checkpoint_resume", "refusals", "
 WORLD1 = ["resharded_load"]
 
 
-def _launch(world: int, cases: list[str], out: Path, shared: Path) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world: int, cases: list[str], out: Path, shared: Path, launcher: str = "torchrun") -> None:
     env = {**os.environ, **cpu_environment(), "PYTHONUNBUFFERED": "1", "ARCHOPT_SHARED_DIR": str(shared)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           str(HERE / "deepspeed_runner.py"), str(out), *cases]
+    if launcher == "deepspeed":  # DeepSpeed's own launcher (bin/deepspeed beside this interpreter)
+        start = [str(Path(sys.executable).with_name("deepspeed")), "--num_nodes", "1", "--num_gpus", str(world),
+                 "--master_port", str(_free_port())]
+    else:
+        start = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    cmd = [*start, str(HERE / "deepspeed_runner.py"), str(out), *cases]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     (out / "launch.log").write_text(proc.stdout + "\n" + proc.stderr)
 
@@ -54,7 +66,7 @@ def world2(tmp_path_factory, shared):
 @pytest.fixture(scope="module")
 def world1(tmp_path_factory, shared, world2):
     out = tmp_path_factory.mktemp("ds_world1")
-    _launch(1, WORLD1, out, shared)
+    _launch(1, WORLD1, out, shared, launcher="deepspeed")
     return out
 
 
