@@ -22,6 +22,7 @@ from tiny_models import tiny_llama
 
 CASES: dict[str, Any] = {}
 STAGES = (0, 1, 2, 3)
+GLOBAL = 4  # sequences per step over all ranks (parity_util's global batch)
 
 
 def case(fn):
@@ -41,9 +42,6 @@ def ds_config(name: str, hp: dict, stage: int, bf16: bool = False, **extra) -> d
         config["bf16"] = {"enabled": True}
     config.update(extra)
     return config
-
-
-GLOBAL = 4
 
 
 def type_name(name: str) -> str:

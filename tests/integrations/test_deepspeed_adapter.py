@@ -126,3 +126,19 @@ def test_fragment_maps_that_do_not_add_up_raise_naming_the_parameter():
     del w._hp_mapping
     with pytest.raises(ValueError, match=r"'layer.weight'.*has no _hp_mapping"):
         _hp_mapped_units(object(), [[w]], [flat], names, [None])
+
+
+def test_checkpoint_of_another_partition_is_refused_naming_the_parameter():
+    from archopt_plugins.integrations.deepspeed.fragments import FragmentBridge
+
+    opt = archopt_ds.DeepSpeedArchOpt(tiny_llama(), "muon")
+    fqns = [n for g in opt.param_groups for n in g["param_names"]]
+    opt.bridge = FragmentBridge(object(), [], fqns, {})  # this rank holds nothing of any parameter
+    saved = opt.state_dict()
+    assert saved["archopt_pieces"]["model.norm.weight"] == (0, 0)
+    opt.load_state_dict(saved)  # the same partitioning loads
+    saved["archopt_pieces"]["model.norm.weight"] = (0, 16)
+    saved["archopt_world_size"] = 4
+    with pytest.raises(ValueError, match=r"parameter 'model.norm.weight': this rank's checkpoint holds its elements "
+                                         r"0:16, this run partitions it as 0:0 \(saved at world size 4\).*save_resharded"):
+        opt.load_state_dict(saved)
