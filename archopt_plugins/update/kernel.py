@@ -155,14 +155,6 @@ class MatrixKernel(Kernel):
 
 
 def add_scaled_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, scale: float) -> None:
-    def cost(self, count: int, fan_out: int, fan_in: int) -> float:
-        """Relative compute of ``transform`` on ``count`` matrices (owner load balancing).
-
-        Default: Newton–Schulz's matmuls, ~ count·m·n·min(m, n). Eigendecomposition-based rules
-        override with ~ count·(m³ + n³).
-        """
-        return float(count) * fan_out * fan_in * min(fan_out, fan_in)
-
     """param ← (1 − lr·wd)·param − lr·scale·update, in float32 when the parameter is low precision.
 
     Decoupled weight decay uses the unscaled ``lr`` (as torch.optim.Muon and AdamW do). At lr = 0
