@@ -62,13 +62,18 @@ def transform_complete(items: list[Complete]) -> list[torch.Tensor]:
     views = [to_matrices(item.tensor, item.structure) for item in items]
     buckets: dict[tuple, list[int]] = {}
     for index, (item, mats) in enumerate(zip(items, views)):
+        # A shape that would not batch bitwise goes alone (see MatrixKernel.batches_bitwise).
+        alone = None if item.kernel.batches_bitwise(mats.shape[1], mats.shape[2], item.hp) else index
         key = (item.rule, tuple(mats.shape[1:]), mats.device, mats.dtype,
-               tuple(item.hp[k] for k in item.kernel.transform_keys))
+               tuple(item.hp[k] for k in item.kernel.transform_keys), alone)
         buckets.setdefault(key, []).append(index)
     results: list[torch.Tensor | None] = [None] * len(items)
-    for indices in buckets.values():
+    for key, indices in buckets.items():
         first = items[indices[0]]
-        data = torch.cat([views[i] for i in indices], dim=0) if len(indices) > 1 else views[indices[0]]
+        # cat allocates afresh; a lone item of an unaligned shape is copied so that it starts on an
+        # aligned address whatever buffer (e.g. a receive buffer) its view points into
+        fresh = (lambda t: t.clone(memory_format=torch.contiguous_format)) if key[-1] is not None else (lambda t: t)
+        data = torch.cat([views[i] for i in indices], dim=0) if len(indices) > 1 else fresh(views[indices[0]])
         segments = [Segment(items[i].fqn, views[i].shape[0], items[i].owner_state, items[i].step) for i in indices]
         params = None
         if first.kernel.transform_needs_param:

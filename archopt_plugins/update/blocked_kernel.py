@@ -27,6 +27,10 @@ class BlockedPreconditionerKernel(MatrixKernel):
     sides: Sides = "two_sided"
     state_shapes_complete = True
 
+    def batches_bitwise(self, fan_out: int, fan_in: int, hp: HParams) -> bool:
+        # the blocks' sides are block_size or remainders of the matrix's sides
+        return super().batches_bitwise(fan_out, fan_in, hp) and hp["block_size"] % 16 == 0
+
     def grid(self, fan_out: int, fan_in: int, hp: HParams) -> BlockGrid:
         ratio = hp.get("one_sided_ratio", float("inf"))
         return BlockGrid(fan_out, fan_in, hp["block_size"], self.sides, ratio)

@@ -139,6 +139,19 @@ class MatrixKernel(Kernel):
         """
         return float(count) * fan_out * fan_in * min(fan_out, fan_in)
 
+    def batches_bitwise(self, fan_out: int, fan_in: int, hp: HParams) -> bool:
+        """Whether a matrix of this shape gets bitwise the same ``transform`` result batched with others.
+
+        BLAS/LAPACK batched calls (gemm, eigh, QR) are only independent of a matrix's company when
+        every matrix of the batch starts on a 64-byte boundary, as a lone, freshly allocated one does;
+        a 9×9 float32 matrix (324 bytes) in second place differs from a lone call in the last bits,
+        and a rank-deficient Shampoo/SOAP statistic turns that into an O(1) change of its null-space
+        eigenbasis. With both sides multiples of 16 every matrix, Gram matrix and product of the
+        transform has that alignment; other shapes are transformed one parameter at a time
+        (``batching.transform_complete``), so the single-process and sharded steps agree bitwise.
+        """
+        return fan_out % 16 == 0 and fan_in % 16 == 0
+
     @abstractmethod
     def prepare(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
                 hp: HParams) -> torch.Tensor:
