@@ -2,17 +2,27 @@
 
 Each entry of ``BACKENDS`` says what the backend needs (importable modules = its extra, its own
 cross-field rules) and how to build an ``Engine`` — the object the training loop drives:
-``forward`` → ``backward`` (``accumulate()`` around all but the last micro-batch) → ``step`` →
-``state_dict``/``load_state_dict`` for checkpoints — or, for a stack that owns its whole loop
+``forward`` → ``backward`` (``accumulate()`` around all but the last micro-batch) → ``step``, and
+checkpoints through ``latest_checkpoint``/``save_checkpoint``/``load_checkpoint`` (collective: every
+rank calls them, each engine writes its own format) — or, for a stack that owns its whole loop
 (megatron: its model, parallel state, scheduler and checkpoints), a ``train_run`` with the
-signature of ``runner.train_run``. ``single``, ``ddp`` and ``megatron`` (CUDA) run in this version.
+signature of ``runner.train_run``.
 
-The other sharded backends are described (so recipes can name them and validation checks their
-sizes) but have neither yet; validation rejects them with a message naming ``backend.kind``. The
-issue that brings one registers it, replacing the placeholder entry::
+| kind | engine | checkpoints |
+|---|---|---|
+| ``single`` | the model and optimizer as built | ``step_*.pt`` (torch.save, main rank) |
+| ``ddp`` | torch DDP, replicated optimizer | ``step_*.pt`` (torch.save, main rank) |
+| ``fsdp2`` | ``fully_shard`` per decoder block + root, 1-D mesh | ``step_*/`` DCP folders |
+| ``hsdp`` | the same on a (replicate, shard) mesh, shards of ``shard_degree`` | ``step_*/`` DCP folders |
+| ``deepspeed`` | DeepSpeed ZeRO ``zero_stage``, an ``ArchOpt<Name>`` ds_config entry | DeepSpeed's, per rank |
+| ``megatron`` | the Megatron adapter's own loop (CUDA) | Megatron's own |
+
+The fsdp2, hsdp and deepspeed engines live in ``sharded_engines.py`` (imported when used).
+
+A new backend registers itself (or replaces an entry)::
 
     from archopt_plugins.recipe.backends import Backend, register_backend
-    register_backend(Backend("fsdp2", "...", make_engine=make_fsdp2_engine, modules=("torch",)))
+    register_backend(Backend("mine", "...", make_engine=make_my_engine, modules=("torch",)))
 
 where ``make_engine(model, optimizer_name, hparams, recipe, ctx) -> Engine``.
 """
@@ -21,10 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .distributed import DistContext
@@ -32,8 +45,16 @@ from .errors import Issue
 from .schema import Recipe
 
 
+def is_main_rank() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 class Engine:
     """A model and its optimizer on this process: the single-process implementation."""
+
+    # True where every rank's forward takes part in collectives (FSDP2 all-gathers, ZeRO-3 gathers):
+    # evaluation must then run the same number of forwards on every rank or the ranks deadlock.
+    collective_forward = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.module = model  # the unwrapped model: evaluation, checkpoints, final parameters
@@ -62,6 +83,36 @@ class Engine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Loss of one evaluation batch (under no_grad, the model in eval mode)."""
+        return self.module(input_ids=batch, labels=batch).loss
+
+    # -- checkpoints: collective, every rank calls them ------------------------------------------------
+    # This implementation: ``folder/step_XXXXXXXX.pt`` holding the whole state (replicated
+    # engines: every rank has it all), written atomically by the main rank, the last ``keep`` kept.
+    def latest_checkpoint(self, folder: Path) -> Path | None:
+        found = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
+        return found[-1] if found else None
+
+    def save_checkpoint(self, folder: Path, step: int, extra: dict[str, Any], keep: int) -> None:
+        """Save model + optimizer with ``extra`` (the runner's step, timers and record) as step ``step``."""
+        if not is_main_rank():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step:08d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({**extra, "engine": self.state_dict()}, tmp)
+        os.replace(tmp, path)  # a kill mid-save never leaves a half-written checkpoint behind
+        for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+            old.unlink()
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Load the checkpoint ``latest_checkpoint`` returned; gives back the ``extra`` it was saved with."""
+        device = next(self.module.parameters()).device
+        state = torch.load(path, map_location=device, weights_only=True)
+        self.load_state_dict(state.pop("engine"))
+        return state
 
 
 class DDPEngine(Engine):
@@ -99,6 +150,19 @@ def _ddp_engine(model: nn.Module, name: str, hparams: dict[str, Any], recipe: Re
     return DDPEngine(model, optimizer, ctx) if ctx.distributed else Engine(model, optimizer)
 
 
+def _fsdp2_engine(model: nn.Module, name: str, hparams: dict[str, Any], recipe: Recipe, ctx: DistContext) -> Engine:
+    from .sharded_engines import make_fsdp2_engine  # FSDP2 / DCP imports only when used
+
+    return make_fsdp2_engine(model, name, hparams, recipe, ctx)
+
+
+def _deepspeed_engine(model: nn.Module, name: str, hparams: dict[str, Any], recipe: Recipe,
+                      ctx: DistContext) -> Engine:
+    from .sharded_engines import make_deepspeed_engine  # imports deepspeed
+
+    return make_deepspeed_engine(model, name, hparams, recipe, ctx)
+
+
 # -- cross-field rules of each backend ------------------------------------------------------------------
 
 def _check_single(r: Recipe) -> list[Issue]:
@@ -109,13 +173,38 @@ def _check_single(r: Recipe) -> list[Issue]:
     return []
 
 
-def _check_deepspeed(r: Recipe) -> list[Issue]:
-    if r.backend.zero_stage is None:
-        return [Issue("backend.zero_stage", "deepspeed needs a ZeRO stage", "set backend.zero_stage to 0, 1, 2 or 3")]
+def _check_sharded(r: Recipe) -> list[Issue]:
+    # The runner joins a process group only with more than one process, and these engines shard
+    # (or, for ZeRO-0, reduce) over one; a single process is the `single` backend's job.
+    if r.world_size < 2:
+        return [Issue("backend.kind", f"{r.backend.kind!r} shards over processes but launch asks for 1 "
+                      f"(nproc_per_node {r.launch.nproc_per_node} × nodes {r.launch.nodes})",
+                      "set launch.nproc_per_node to 2 or more, or use backend.kind: single", r.backend.kind)]
     return []
 
 
+def _check_fsdp2(r: Recipe) -> list[Issue]:
+    return _check_sharded(r)
+
+
+def _check_deepspeed(r: Recipe) -> list[Issue]:
+    issues = _check_sharded(r)
+    if r.backend.zero_stage is None:
+        issues.append(Issue("backend.zero_stage", "deepspeed needs a ZeRO stage",
+                            "set backend.zero_stage to 0, 1, 2 or 3"))
+    if r.logging.geometry_every:
+        # The monitor reads whole parameters off the optimizer; under ZeRO it holds flat partitions.
+        issues.append(Issue("logging.geometry_every", "the geometry monitor does not run under deepspeed "
+                            "(ZeRO hands the optimizer flat partitions, not whole parameters)",
+                            "set logging.geometry_every: 0, or use backend.kind: fsdp2 / ddp",
+                            r.logging.geometry_every))
+    return issues
+
+
 def _check_hsdp(r: Recipe) -> list[Issue]:
+    issues = _check_sharded(r)
+    if issues:
+        return issues
     shard = r.backend.shard_degree
     if shard is None:
         return [Issue("backend.shard_degree", "hsdp needs the size of its sharding groups",
@@ -185,14 +274,13 @@ def register_backend(backend: Backend) -> None:
 for _b in (
     Backend("single", "one process", _single_engine, check=_check_single),
     Backend("ddp", "torch DistributedDataParallel (replicated optimizer), gloo on CPU / NCCL on CUDA", _ddp_engine),
-    Backend("fsdp2", "FSDP2 fully_shard with archopt's exact sharded matrix updates",
-            unavailable="it arrives with the sharding engine (archopt_plugins/shard)", owns_keys=()),
-    Backend("hsdp", "FSDP2 sharded within groups of backend.shard_degree, replicated across them",
-            unavailable="it arrives with the sharding engine (archopt_plugins/shard)", check=_check_hsdp,
-            owns_keys=("shard_degree",)),
-    Backend("deepspeed", "DeepSpeed ZeRO stage backend.zero_stage with ArchOpt as the client optimizer",
-            unavailable="it arrives with the DeepSpeed adapter (integrations/deepspeed)", modules=("deepspeed",),
-            extra="deepspeed", check=_check_deepspeed, owns_keys=("zero_stage",)),
+    Backend("fsdp2", "FSDP2 fully_shard with archopt's exact sharded matrix updates", _fsdp2_engine,
+            check=_check_fsdp2),
+    Backend("hsdp", "FSDP2 sharded within groups of backend.shard_degree, replicated across them", _fsdp2_engine,
+            check=_check_hsdp, owns_keys=("shard_degree",)),
+    Backend("deepspeed", "DeepSpeed ZeRO stage backend.zero_stage with an ArchOpt<Name> ds_config optimizer",
+            _deepspeed_engine, modules=("deepspeed",), extra="deepspeed", check=_check_deepspeed,
+            owns_keys=("zero_stage",)),
     Backend("megatron", "Megatron-core tensor parallel (backend.tensor_parallel) × data parallel",
             modules=("megatron.core",), extra="megatron", check=_check_megatron_recipe,
             owns_keys=("tensor_parallel",), train_run=_megatron_train_run),

@@ -3,8 +3,9 @@
 ``run_recipe`` trains the recipe's optimizer and then each baseline learning rate, every run from
 the same initial weights on the same batches (``dataset.train_batch`` depends on (seed, step)
 only), and the main process writes the report. Per run, under ``OUT/<run>/``: ``metrics.jsonl``,
-``checkpoints/step_*.pt`` and ``result.json`` (the finished record); TensorBoard events go to
-``OUT/tensorboard/<run>/``.
+``checkpoints/`` (in the engine's format: ``step_*.pt`` for single/ddp, DCP ``step_*/`` folders for
+fsdp2/hsdp, DeepSpeed's own for deepspeed) and ``result.json`` (the finished record); TensorBoard
+events go to ``OUT/tensorboard/<run>/``.
 
 Resuming (``--resume``, or a worker restarted by torchrun's elastic agent) skips finished runs and
 continues the others from their last checkpoint: model, optimizer state, step and the record so
@@ -61,18 +62,30 @@ def lr_factor(step: int, s: ScheduleSection) -> float:
     return s.final_lr_fraction + (1 - s.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def eval_indices(n: int, rank: int, world: int, collective_forward: bool) -> list[int]:
+    """Batch indices rank ``rank`` evaluates: every world-th one from ``rank``.
+
+    Where forward is a collective (FSDP2, ZeRO-3) every rank must run the same number of forwards,
+    so the list is padded to ceil(n / world) entries with indices ≥ n: a padding forward runs
+    batch ``i % n`` and its loss is not counted. The counted batches, and so the mean, are the same.
+    """
+    stop = -(-n // world) * world if collective_forward else n
+    return list(range(rank, stop, world))
+
+
 @torch.no_grad()
 def evaluate(engine: Engine, batches: list[torch.Tensor], ctx: DistContext) -> float:
     """Mean loss over ``batches``; ranks take every world_size-th batch and the sums are all-reduced."""
     model = engine.module
     was_training = model.training
     model.eval()
-    total = 0.0
-    for i in range(ctx.rank, len(batches), ctx.world_size):
-        batch = batches[i].to(ctx.device)
-        total += float(model(input_ids=batch, labels=batch).loss)
+    total, n = 0.0, len(batches)
+    for i in eval_indices(n, ctx.rank, ctx.world_size, engine.collective_forward):
+        loss = engine.eval_loss(batches[i % n].to(ctx.device))
+        if i < n:
+            total += float(loss)
     model.train(was_training)
-    return ctx.sum_floats([total])[0] / len(batches)
+    return ctx.sum_floats([total])[0] / n
 
 
 def _maybe_inject_fault(step: int, ctx: DistContext) -> None:
@@ -83,26 +96,6 @@ def _maybe_inject_fault(step: int, ctx: DistContext) -> None:
     if int(rank) == ctx.rank and int(at) == step:
         print(f"[rank {ctx.rank}] {FAULT_ENV}: killing this process at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _Checkpoints:
-    """``step_*.pt`` files of one run: written atomically by the main rank, the last ``keep`` kept."""
-
-    def __init__(self, folder: Path, keep: int) -> None:
-        self.folder, self.keep = folder, keep
-
-    def latest(self) -> Path | None:
-        found = sorted(self.folder.glob("step_*.pt")) if self.folder.is_dir() else []
-        return found[-1] if found else None
-
-    def save(self, step: int, payload: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step_{step:08d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # a kill mid-save never leaves a half-written checkpoint behind
-        for old in sorted(self.folder.glob("step_*.pt"))[:-self.keep]:
-            old.unlink()
 
 
 class _Metrics:
@@ -140,7 +133,7 @@ def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, 
     from tqdm.auto import tqdm
 
     run_dir = out_dir / spec.folder
-    result_path, ckpts = run_dir / "result.json", _Checkpoints(run_dir / "checkpoints", recipe.checkpoint.keep_last)
+    result_path, ckpt_dir = run_dir / "result.json", run_dir / "checkpoints"
     if resume and result_path.exists():
         history = RunHistory.load(result_path)
         if history.finished:
@@ -159,10 +152,9 @@ def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, 
     history = RunHistory(spec.label, spec.optimizer, spec.kind, recipe.tokens_per_step,
                          {k: v for k, v in spec.hparams.items()})
     start, seconds = 0, 0.0
-    latest = ckpts.latest() if resume else None
+    latest = engine.latest_checkpoint(ckpt_dir) if resume else None  # in the engine's own format
     if latest is not None:
-        state = torch.load(latest, map_location=ctx.device, weights_only=True)
-        engine.load_state_dict(state["engine"])
+        state = engine.load_checkpoint(latest)  # collective for sharded engines
         history = RunHistory.from_dict(state["history"])
         start, seconds = int(state["step"]), float(state["train_seconds"])
         history.truncate(start)
@@ -233,9 +225,8 @@ def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, 
         if (every and done % every == 0) or done == recipe.schedule.steps:
             history.skipped_steps = int(getattr(engine.optimizer, "skipped_steps", 0))
             history.finished = done == recipe.schedule.steps
-            if ctx.is_main:
-                ckpts.save(done, {"step": done, "train_seconds": seconds, "engine": engine.state_dict(),
-                                  "history": history.to_dict()})
+            engine.save_checkpoint(ckpt_dir, done, {"step": done, "train_seconds": seconds,
+                                                    "history": history.to_dict()}, recipe.checkpoint.keep_last)
             ctx.barrier()  # every rank past this point knows the checkpoint is complete
     bar.close()
     metrics.close()

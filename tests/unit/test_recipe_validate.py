@@ -55,8 +55,12 @@ CROSS_FIELD = [
     ({"backend.kind": "ddp", "launch.nproc_per_node": 2, "batch.global_batch_size": 4, "batch.micro_batch_size": 4},
      "batch.global_batch_size", r"4 × 2 = 8"),
     ({"backend.kind": "single", "launch.nproc_per_node": 2}, "backend.kind", r"'single' runs one process"),
-    ({"backend.kind": "fsdp2"}, "backend.kind", r"'fsdp2' is not available in this version"),
-    ({"backend.kind": "deepspeed", "backend.zero_stage": 2}, "backend.kind", r"'deepspeed' is not available"),
+    ({"backend.kind": "fsdp2"}, "backend.kind", r"'fsdp2' shards over processes but launch asks for 1.*"
+     r"nproc_per_node to 2 or more"),
+    ({"backend.kind": "hsdp", "backend.shard_degree": 1}, "backend.kind", r"'hsdp' shards over processes"),
+    ({"backend.kind": "deepspeed", "backend.zero_stage": 2}, "backend.kind", r"'deepspeed' shards over processes"),
+    ({"backend.kind": "deepspeed", "backend.zero_stage": 2, "launch.nproc_per_node": 2, "batch.micro_batch_size": 2},
+     "logging.geometry_every", r"does not run under deepspeed.*value: 3.*geometry_every: 0"),
     ({"backend.kind": "deepspeed"}, "backend.zero_stage", r"needs a ZeRO stage"),
     ({"backend.zero_stage": 1}, "backend.zero_stage", r"only applies to backend.kind 'deepspeed'"),
     ({"backend.kind": "megatron", "backend.tensor_parallel": 4, "launch.nproc_per_node": 4,
@@ -104,6 +108,32 @@ SCHEMA = [
 @pytest.mark.parametrize("edits,path,pattern", SCHEMA, ids=[c[1] for c in SCHEMA])
 def test_schema_error_names_the_key(edits, path, pattern):
     _one(tiny(**edits), path, pattern)
+
+
+SHARDED_OK = [
+    {"backend.kind": "fsdp2", "launch.nproc_per_node": 2, "batch.micro_batch_size": 2},
+    {"backend.kind": "hsdp", "backend.shard_degree": 2, "launch.nproc_per_node": 4, "batch.micro_batch_size": 1},
+    {"backend.kind": "deepspeed", "backend.zero_stage": 3, "launch.nproc_per_node": 2, "batch.micro_batch_size": 2,
+     "logging.geometry_every": 0},
+]
+
+
+@pytest.mark.parametrize("edits", SHARDED_OK, ids=lambda e: e["backend.kind"])
+def test_sharded_backends_validate(edits):
+    recipe = validate_data(tiny(**edits))
+    assert recipe.backend.kind == edits["backend.kind"] and recipe.world_size >= 2
+
+
+def test_backend_with_a_missing_module_names_its_extra(monkeypatch):
+    import dataclasses
+
+    from archopt_plugins.recipe.backends import BACKENDS
+
+    # deepspeed is installed here: stand its entry on a module that is not, as on a machine without the extra
+    missing = dataclasses.replace(BACKENDS["deepspeed"], modules=("archopt_no_such_module",))
+    monkeypatch.setitem(BACKENDS, "deepspeed", missing)
+    _one(tiny(**SHARDED_OK[2]), "backend.kind",
+         r"'deepspeed' needs \['archopt_no_such_module'\], which is not installed.*archopt-plugins\[deepspeed\]")
 
 
 def test_all_problems_reported_at_once():
