@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ..roles.types import ParamStructure
 from ..update.batching import Complete, RuleBatch, transform_complete
+from ..update.finite import first_nonfinite_index
 from ..update.kernel import ElementwiseKernel, Kernel, MatrixKernel, resolve_dtype
 from ..update.matrix_view import matrix_shape
 from .discover import _is_dtensor, discover_layouts, local_tensor
@@ -103,11 +104,9 @@ class ShardedExecutor:
         bad = len(grads)
         locals_ = [local_tensor(g) for g in grads]
         nonempty = [(i, g) for i, g in enumerate(locals_) if g.numel()]
-        if nonempty:
-            norms = torch._foreach_norm([g for _, g in nonempty], float("inf"))
-            finite = torch.stack([n.float() for n in norms]).isfinite()
-            if not bool(finite.all()):
-                bad = nonempty[int((~finite).nonzero()[0])][0]
+        found = first_nonfinite_index([g for _, g in nonempty])  # one sum per tensor (update/finite.py)
+        if found is not None:
+            bad = nonempty[found][0]
         signature = float(zlib.crc32("\n".join(names).encode()))
         flags = torch.tensor([bad, signature, -signature], dtype=torch.float64)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)

@@ -251,3 +251,33 @@ def injected_fsdp_tp():
 
         results[name] = guarded(one)
     return results
+
+
+@case
+def nonfinite_one_rank():
+    """A NaN in one rank's gradient shard skips the step on every rank; the next clean step runs."""
+    from cases_parity import _fsdp
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = _fsdp(mesh)(_llama())
+    opt = build_optimizer(model, "muon")
+    ids = batches()[0]
+
+    def backward(poison: bool) -> None:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        if poison and dist.get_rank() == 1:  # only rank 1's local piece of one matrix
+            grad = dict(model.named_parameters())["model.layers.1.mlp.up_proj.weight"].grad
+            grad.to_local().view(-1)[3] = float("nan")
+
+    before = full_params(model)
+    backward(poison=True)
+    opt.step()
+    after_poison = full_params(model)
+    unchanged = all(torch.equal(before[n], after_poison[n]) for n in before)
+    backward(poison=False)
+    opt.step()
+    moved = any(not torch.equal(after_poison[n], p) for n, p in full_params(model).items())
+    skipped = torch.tensor([float(opt.skipped_steps)])
+    dist.all_reduce(skipped, op=dist.ReduceOp.MIN)
+    return {"unchanged_after_nan": unchanged, "moved_after_clean": moved, "skipped_min": float(skipped)}

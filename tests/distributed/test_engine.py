@@ -72,3 +72,8 @@ def test_bad_inputs_raise_naming_the_parameter(world4):
     assert "no fragment map" in msgs["flat"]
     assert msgs["flat_unchanged"]
     assert "cannot determine its layout" in msgs["shape"] and "(3, 5)" in msgs["shape"]
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world4):
+    res = result(world4, "nonfinite_one_rank")
+    assert res == {"unchanged_after_nan": True, "moved_after_clean": True, "skipped_min": 1.0}
