@@ -82,7 +82,7 @@ class FullTensorMuon:
         self.rest = build_optimizer([(n, p) for n, p in model.named_parameters() if n not in muon_names],
                                     "adamw", lr=3e-4)
         self.bytes_received = 0
-        self.ns_seconds = 0.0
+        self.last_ns_seconds = 0.0  # Newton-Schulz time of the last step
 
     def step(self) -> None:
         import torch
@@ -93,6 +93,7 @@ class FullTensorMuon:
         from archopt_plugins.update.newton_schulz import newton_schulz
 
         world = dist.get_world_size()
+        self.last_ns_seconds = 0.0
         with torch.no_grad():
             for n, p in self.matrices:
                 buf = self.momentum[n]
@@ -104,7 +105,7 @@ class FullTensorMuon:
                 self.bytes_received += full.numel() * full.element_size() * (world - 1) // world
                 start = time.perf_counter()
                 ortho = newton_schulz(full, 5, "quintic", torch.float32)
-                self.ns_seconds += time.perf_counter() - start
+                self.last_ns_seconds += time.perf_counter() - start
                 rows = direction.shape[0]
                 chunk = -(-p.shape[0] // world)  # Shard(0): this rank's rows start at rank * chunk
                 begin = dist.get_rank() * chunk
@@ -127,10 +128,10 @@ def worker(out: str, cfg: dict, repeats: int) -> None:
     mesh = init_device_mesh("cpu", (world,))
     results: dict = {}
 
-    def timed(label: str, make, step_fn, extra) -> None:
+    def timed(label: str, make, step_fn, extra, ns_of=None) -> None:
         model = shard(build_model(cfg), mesh)
         opt = make(model)
-        times = []
+        times, ns = [], []
         for i in range(repeats + 1):
             inject_grads(model, i)
             dist.barrier()
@@ -139,17 +140,26 @@ def worker(out: str, cfg: dict, repeats: int) -> None:
             dist.barrier()
             if i:  # the first step discovers layouts / allocates state
                 times.append(time.perf_counter() - start)
+                if ns_of is not None:
+                    ns.append(ns_of(opt))
         results[label] = {"step_s": statistics.median(times), **extra(opt, repeats + 1)}
+        if ns:
+            results[label]["ns_s"] = statistics.median(ns)
 
     def engine_stats(opt, steps):
         last, total = opt.comm_stats
-        return {"bytes_received_per_step": total.bytes_received / steps, "ns_s": opt.executor.last_transform_seconds,
-                "collectives_per_step": total.collectives / steps}
+        ex = opt.executor
+        loads = [0.0] * world
+        for fqn, owner in ex.owners.items():
+            loads[owner] += ex.costs.get(fqn, 0.0)
+        return {"bytes_received_per_step": total.bytes_received / steps, "collectives_per_step": total.collectives / steps,
+                "cost_share": max(loads) / sum(loads)}
 
     muon_kw = dict(compute_dtype="float32", adamw_lr=3e-4)
-    timed("engine", lambda m: build_optimizer(m, "muon", **muon_kw), lambda o: o.step(), engine_stats)
+    timed("engine", lambda m: build_optimizer(m, "muon", **muon_kw), lambda o: o.step(), engine_stats,
+          lambda o: o.executor.last_transform_seconds)
     timed("full_tensor", lambda m: FullTensorMuon(m, plan(build_model(cfg), "muon")), lambda o: o.step(),
-          lambda o, steps: {"bytes_received_per_step": o.bytes_received / steps, "ns_s": o.ns_seconds / steps})
+          lambda o, steps: {"bytes_received_per_step": o.bytes_received / steps}, lambda o: o.last_ns_seconds)
 
     def torch_muon(model):
         matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
@@ -166,17 +176,25 @@ def worker(out: str, cfg: dict, repeats: int) -> None:
     timed("torch_muon", torch_muon, torch_step,
           lambda o, steps: {"collectives_per_step": comm.get_total_counts() / steps})
 
-    # Single-process Newton-Schulz time of all matrices: the "total" that owners split.
+    # Single-process Newton-Schulz time of all matrices, batched by shape as one process batches
+    # them: the "total" that owners split (median of the repeats, measured on every rank).
     model = build_model(cfg)
     p_plan = plan(model, "muon")
-    mats = [p for n, p in model.named_parameters() if p_plan.entry(n).rule == "muon"]
+    by_shape: dict = {}
+    for n, p in model.named_parameters():
+        if p_plan.entry(n).rule == "muon":
+            by_shape.setdefault(tuple(p.shape), []).append(p.detach())
+    stacks = [torch.stack(ps) for ps in by_shape.values()]
     from archopt_plugins.update.newton_schulz import newton_schulz
 
-    start = time.perf_counter()
-    for _ in range(3):
-        for p in mats:
-            newton_schulz(p.detach(), 5, "quintic", torch.float32)
-    results["single_process_ns_s"] = (time.perf_counter() - start) / 3
+    totals = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        for stack in stacks:
+            newton_schulz(stack, 5, "quintic", torch.float32)
+        totals.append(time.perf_counter() - start)
+    results["single_process_ns_s"] = statistics.median(totals)
     results["fp32_grad_bytes"] = sum(p.numel() for p in model.parameters()) * 4
     results["params"] = sum(p.numel() for p in model.parameters())
     gathered = [None] * world
@@ -205,14 +223,17 @@ def report(runs: dict[int, list[dict]], cfg: dict, command: str) -> str:
         "## Sharded Muon step on FSDP2 (`benchmarks/sharded_step.py`)", "",
         f"Command: `{command}`. Machine: {machine_line()}. Model: Llama-style {cfg} "
         f"({runs[min(runs)][0]['params'] / 1e6:.2f}M parameters), FSDP2 `Shard(0)` over gloo, fp32, injected "
-        "gradients; median over repeats of the step between barriers; one thread per rank.", "",
+        "gradients; medians over repeats of the step between barriers and of its Newton–Schulz time; one thread "
+        "per rank. The single-process total is Newton–Schulz on the same matrices batched by shape; the cost "
+        "model's figure is the largest owner's share of the planned work.", "",
         "| world | contender | step (s, max over ranks) | vs (b) | NS per rank (s, max) | NS max / single-process "
         "total | bytes received per rank per step | vs fp32 grad bytes |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for world, per_rank in sorted(runs.items()):
         base = max(r["full_tensor"]["step_s"] for r in per_rank)
-        total_ns = per_rank[0]["single_process_ns_s"]
+        total_ns = statistics.mean(r["single_process_ns_s"] for r in per_rank)
+        share = per_rank[0]["engine"]["cost_share"]
         grad_bytes = per_rank[0]["fp32_grad_bytes"]
         for key, label in (("engine", "(a) archopt engine"), ("full_tensor", "(b) full_tensor() on every rank"),
                            ("torch_muon", "(c) torch.optim.Muon on DTensors")):
@@ -220,9 +241,11 @@ def report(runs: dict[int, list[dict]], cfg: dict, command: str) -> str:
             ns = max((r[key].get("ns_s") for r in per_rank if r[key].get("ns_s") is not None), default=None)
             received = max((r[key].get("bytes_received_per_step") for r in per_rank
                             if r[key].get("bytes_received_per_step") is not None), default=None)
+            planned = f", cost model {share:.2f}" if key == "engine" else ""
             lines.append(
                 f"| {world} | {label} | {step:.3f} | {step / base:.2f}x | "
-                f"{'-' if ns is None else f'{ns:.3f}'} | {'-' if ns is None else f'{ns / total_ns:.2f} (1.2/N = {1.2 / world:.2f})'} | "
+                f"{'-' if ns is None else f'{ns:.3f}'} | "
+                f"{'-' if ns is None else f'{ns / total_ns:.2f} (1.2/N = {1.2 / world:.2f}{planned})'} | "
                 f"{'-' if received is None else f'{received / 1e6:.2f} MB'} | "
                 f"{'-' if received is None else f'{received / grad_bytes:.2f}x'} |")
         coll = per_rank[0]["torch_muon"].get("collectives_per_step")
