@@ -27,6 +27,7 @@ def run_script(script: str, script_args: list[str], module: bool = False) -> int
     was_enabled = is_enabled()
     enable()
     saved_argv, saved_path = sys.argv[:], sys.path[:]
+    group_before = _process_group_initialized()
     try:
         if module:
             sys.argv = [script, *script_args]
@@ -45,7 +46,20 @@ def run_script(script: str, script_args: list[str], module: bool = False) -> int
         sys.argv, sys.path[:] = saved_argv, saved_path
         if not was_enabled:
             disable()  # leave the process as found (matters when called in-process, e.g. from tests)
+        if not group_before and _process_group_initialized():
+            # The Trainer (accelerate) started a process group and never closes it; left to the
+            # interpreter's exit, gloo's threads can be torn down mid-flight ("terminate called
+            # without an active exception", SIGABRT) and a finished run exits non-zero.
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
+
+
+def _process_group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _command(args: argparse.Namespace) -> int:
