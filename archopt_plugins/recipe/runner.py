@@ -127,22 +127,33 @@ class _Metrics:
             self.tb.close()
 
 
+def open_run_dir(out_dir: Path, spec: RunSpec, ctx: DistContext, resume: bool) -> tuple[Path, RunHistory | None]:
+    """The run's folder, with ``checkpoints/`` in it, ready on every rank; when resuming a run that
+    already finished, also its record (nothing is left to train). Shared by every backend's loop."""
+    run_dir = out_dir / spec.folder
+    result_path = run_dir / "result.json"
+    if resume and result_path.exists():
+        history = RunHistory.load(result_path)
+        if history.finished:
+            return run_dir, history
+    if ctx.is_main and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh start must not leave an older run's checkpoints to resume from
+    ctx.barrier()
+    if ctx.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    return run_dir, None
+
+
 def train_run(recipe: Recipe, spec: RunSpec, data: TokenData, ctx: DistContext, out_dir: Path, resume: bool,
               progress: bool = True) -> RunHistory:
     """Train one run (resuming from its last checkpoint when asked); returns its record."""
     from tqdm.auto import tqdm
 
-    run_dir = out_dir / spec.folder
+    run_dir, finished = open_run_dir(out_dir, spec, ctx, resume)
+    if finished is not None:
+        return finished
     result_path, ckpt_dir = run_dir / "result.json", run_dir / "checkpoints"
-    if resume and result_path.exists():
-        history = RunHistory.load(result_path)
-        if history.finished:
-            return history
-    if ctx.is_main and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh start must not leave an older run's checkpoints to resume from
-    ctx.barrier()
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     model = build_model(recipe.model, recipe.vocab_size, recipe.seed).to(ctx.device)
     hparams = {**spec.hparams, **({"overrides": spec.overrides} if spec.overrides else {})}

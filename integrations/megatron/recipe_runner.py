@@ -205,20 +205,12 @@ def megatron_train_run(recipe: Recipe, spec: RunSpec, data: Any, ctx: Any, out_d
     from tqdm.auto import tqdm
 
     from archopt_plugins.recipe.dataset import eval_batches, train_batch
-    from archopt_plugins.recipe.runner import _Metrics
+    from archopt_plugins.recipe.runner import _Metrics, open_run_dir
 
-    run_dir = out_dir / spec.folder
+    run_dir, finished = open_run_dir(out_dir, spec, ctx, resume)
+    if finished is not None:
+        return finished
     ckpt_dir, result_path = run_dir / "checkpoints", run_dir / "result.json"
-    if resume and result_path.exists():
-        history = RunHistory.load(result_path)
-        if history.finished:
-            return history
-    if ctx.is_main and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    ctx.barrier()
-    if ctx.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ctx.barrier()
 
     model, ddp, optimizer, scheduler = build_megatron_run(recipe, spec, ctx.device)
     history = RunHistory(spec.label, spec.optimizer, spec.kind, recipe.tokens_per_step, dict(spec.hparams))
