@@ -4,13 +4,14 @@ Adam run in the eigenbasis of Shampoo's statistics. For each block G (r×c):
 
     L ← β₂·L + (1−β₂)·G·Gᵀ,   R ← β₂·R + (1−β₂)·Gᵀ·G
     step 1: Q_L, Q_R = eigenvectors of L, R (descending eigenvalues)
-    m ← β₁·m + (1−β₁)·G                                 (first moment, original coordinates)
-    G' = Q_Lᵀ·G·Q_R,  m' = Q_Lᵀ·m·Q_R
+    G' = Q_Lᵀ·G·Q_R
+    m' ← β₁·m' + (1−β₁)·G'                              (first moment, rotated coordinates)
     v ← β₂·v + (1−β₂)·G'²                               (second moment, rotated coordinates)
     N = Q_L·(m' / (√v + ε))·Q_Rᵀ · √(1−β₂ᵗ)/(1−β₁ᵗ)      (t counts Adam steps: the step number − 1)
     W ← (1 − η·λ)·W − η·N
     every k Adam steps (after the update): sort Q's columns by qᵀLq, permute v's rows/columns with
-    them, Q ← qr(L·Q).Q                                 (one power iteration instead of eigh)
+    them, Q ← qr(L·Q).Q                                 (one power iteration instead of eigh),
+    and re-express m' in the new basis: m' ← Q_L,newᵀ·(Q_L,old·m'·Q_R,oldᵀ)·Q_R,new
 
 Defaults from the paper: lr 3e-3, β = (0.95, 0.95), weight decay 0.01, basis refresh every 10 steps.
 As in the authors' code, the first step only sets L, R and the bases and leaves the parameter (and
@@ -19,8 +20,17 @@ there would divide roundoff by roundoff (measured: the fp32 update's norm 3.5× 
 Very unbalanced blocks rotate only their shorter side (the other basis is the identity), as the
 authors' code does for dimensions above ``max_precond_dim``.
 
-Everything (m, v, L, R, Q_L, Q_R) lives in owner state: ``transform`` needs m and G together, and
-the engine keeps whole-matrix state on the owner rank.
+Why m is kept rotated: the authors' code (and pytorch-optimizer's) keeps m in the original
+coordinates and rotates it into the eigenbasis every step, six r×r/c×c matmuls per block per step
+(G in, m in, the direction back). Keeping m' = Q_Lᵀ·m·Q_R instead needs four (G in, the direction
+back), plus four at a refresh to carry m' from the old basis to the new one. Since the bases are
+orthogonal this is the same algorithm in exact arithmetic; ``soap_reference_step`` below keeps m in
+the original coordinates and the tests compare the two across several refreshes. The state key is
+``exp_avg_rotated``, not ``exp_avg``: a checkpoint from before this layout (m unrotated under
+"exp_avg") is refused on load, naming that key, rather than read in the wrong coordinates.
+
+Everything (m', v, L, R, Q_L, Q_R) lives in owner state: ``transform`` needs the bases with G, m'
+and v, and the engine keeps whole-matrix state on the owner rank.
 """
 
 from __future__ import annotations
@@ -28,11 +38,16 @@ from __future__ import annotations
 import torch
 
 from .blocked_kernel import BlockedPreconditionerKernel, compute_dtype_of
-from .blocking import BlockGrid
-from .kernel import HParams, MatrixBatch, add_scaled_
+from .blocking import BlockClass, BlockGrid
+from .kernel import HParams, MatrixBatch, Segment, add_scaled_
 from .matrix_roots import initial_eigenbasis, refresh_eigenbasis, refresh_eigenbasis_reference
 from .owner_state import (gradient_rows_ok, per_matrix, spans, state_of, update_rows_, warn_decomposition_failed,
                           zero_nonfinite_)
+
+# Adam's first moment in each block's eigenbasis. Not "exp_avg": until this layout, SOAP kept m in
+# the original coordinates under that name, and a checkpoint of that meaning must not be read as
+# rotated. state_shapes lists every key, so loading a checkpoint holding "exp_avg" is refused.
+MOMENT_KEY = "exp_avg_rotated"
 
 
 class SoapKernel(BlockedPreconditionerKernel):
@@ -41,7 +56,7 @@ class SoapKernel(BlockedPreconditionerKernel):
                       "compute_dtype")
 
     def owner_matrix_keys(self, hp: HParams) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+        return (MOMENT_KEY, "exp_avg_sq")
 
     def factor_keys(self, side: str) -> tuple[str, ...]:
         return (side, f"Q{side}")
@@ -68,19 +83,15 @@ class SoapKernel(BlockedPreconditionerKernel):
         adam_rows = per_matrix(batch, lambda step: float(step > 1)) > 0
         correction = per_matrix(batch, lambda step: 0.0 if step == 1 else
                                 (1.0 - beta2 ** (step - 1)) ** 0.5 / (1.0 - beta1 ** (step - 1)), dtype=dtype)
-        # m (original coordinates) and v (rotated coordinates) of the whole batch, updated per segment.
+        # m and v of the whole batch, both in each block's rotated coordinates, gathered per segment.
         M, V = torch.empty_like(G), torch.empty_like(G)
-        ok = gradient_rows_ok(G)  # None: every matrix's statistics can be updated in place
         for seg, a, b in spans(batch):
-            exp_avg = state_of(seg, "exp_avg", (m, n), dtype, G.device)
-            if seg.step > 1:
-                update_rows_(exp_avg, lambda s: s.lerp(G[a:b], 1.0 - beta1), lambda s: s.lerp_(G[a:b], 1.0 - beta1),
-                             None if ok is None else ok[a:b])
-            M[a:b] = exp_avg
+            M[a:b] = state_of(seg, MOMENT_KEY, (m, n), dtype, G.device)
             V[a:b] = state_of(seg, "exp_avg_sq", (m, n), dtype, G.device)
+        ok = gradient_rows_ok(G)  # None: every matrix's statistics can be updated in place
 
-        v_blocks, directions = grid.split(V), []
-        for index, (cl, g, mom) in enumerate(zip(grid.classes, grid.split(G), grid.split(M))):
+        m_blocks, v_blocks, directions = grid.split(M), grid.split(V), []
+        for index, (cl, g) in enumerate(zip(grid.classes, grid.split(G))):
             sides = [(side, size) for side, on, size in (("L", cl.left, cl.rows), ("R", cl.right, cl.cols)) if on]
             for side, size in sides:
                 key, basis_key, shape = f"{side}.{cl.key}", f"Q{side}.{cl.key}", (cl.count, size, size)
@@ -95,21 +106,26 @@ class SoapKernel(BlockedPreconditionerKernel):
                 if first:
                     self._initial_bases(first, key, basis_key, size, root_dtype)
 
-            g_rot, m_rot = (self._rotate(batch, cl, x, sides, back=False) for x in (g, mom))
-            v = v_blocks[index]
+            # Only G is rotated in: m already lives in these coordinates (re-expressed at refreshes).
+            g_rot = self._rotate(batch, cl, g, sides, back=False)
+            mom, v = m_blocks[index], v_blocks[index]
+            # Adam's moments move on Adam steps (not step 1) of matrices with a finite ‖G‖² only.
             rows = adam_rows.repeat_interleave(cl.count)
             if ok is not None:
                 rows = rows & ok.repeat_interleave(cl.count)
+            mask = None if bool(rows.all()) else rows
+            update_rows_(mom, lambda s: s.lerp(g_rot, 1.0 - beta1), lambda s: s.lerp_(g_rot, 1.0 - beta1), mask)
             square = g_rot * g_rot
-            update_rows_(v, lambda s: s.lerp(square, 1.0 - beta2), lambda s: s.lerp_(square, 1.0 - beta2),
-                         None if bool(rows.all()) else rows)
-            direction = self._rotate(batch, cl, m_rot / (v.sqrt() + hp["eps"]), sides, back=True)
+            update_rows_(v, lambda s: s.lerp(square, 1.0 - beta2), lambda s: s.lerp_(square, 1.0 - beta2), mask)
+            direction = self._rotate(batch, cl, mom / (v.sqrt() + hp["eps"]), sides, back=True)
             directions.append(direction * correction.repeat_interleave(cl.count).view(-1, 1, 1))
             if refresh:  # after the update: the next step uses the refreshed basis
-                self._refresh_bases(batch, cl, refresh, sides, v, root_dtype)
+                self._refresh_bases(batch, cl, refresh, sides, mom, v, root_dtype)
 
+        grid.merge(m_blocks, out=M)
         grid.merge(v_blocks, out=V)
         for seg, a, b in spans(batch):
+            seg.owner_state[MOMENT_KEY].copy_(M[a:b])
             seg.owner_state["exp_avg_sq"].copy_(V[a:b])
         return zero_nonfinite_(grid.merge(directions), batch, "soap")
 
@@ -144,8 +160,14 @@ class SoapKernel(BlockedPreconditionerKernel):
             warn_decomposition_failed(failed, "soap")
 
     @staticmethod
-    def _refresh_bases(batch, cl, refresh, sides, v, root_dtype):
-        """Power iteration + QR for the refreshing segments; their rows of v follow the new order."""
+    def _refresh_bases(batch: MatrixBatch, cl: BlockClass, refresh: list[Segment], sides: list[tuple[str, int]],
+                       mom: torch.Tensor, v: torch.Tensor, root_dtype: torch.dtype) -> None:
+        """Power iteration + QR for the refreshing segments; their m and v follow into the new basis.
+
+        m is re-expressed exactly: m ← Q_newᵀ·(Q_old·m) on the left, (m·Q_oldᵀ)·Q_new on the right;
+        one side at a time is exact because left and right products commute. v is not a linear
+        quantity: as in the authors' code its rows/columns only follow the Rayleigh-quotient order.
+        """
         where = {seg.fqn: (a, b) for seg, a, b in spans(batch, cl.count)}
         for side, size in sides:
             key, basis_key = f"{side}.{cl.key}", f"Q{side}.{cl.key}"
@@ -156,8 +178,14 @@ class SoapKernel(BlockedPreconditionerKernel):
             sizes = [s.shape[0] for s in stats]
             for seg, basis, new_basis, order in zip(refresh, bases, torch.split(new_bases, sizes),
                                                     torch.split(orders, sizes)):
-                basis.copy_(new_basis)
                 a, b = where[seg.fqn]
+                # Per segment, before the old basis is overwritten: a matrix's m must not depend on
+                # which other parameters refresh in the same batch (bitwise batch independence).
+                if side == "L":
+                    mom[a:b] = torch.matmul(new_basis.mT, torch.matmul(basis, mom[a:b]))
+                else:
+                    mom[a:b] = torch.matmul(torch.matmul(mom[a:b], basis.mT), new_basis)
+                basis.copy_(new_basis)
                 index = order.unsqueeze(-1) if side == "L" else order.unsqueeze(-2)
                 v[a:b] = v[a:b].gather(-2 if side == "L" else -1, index.expand_as(v[a:b]))
 
