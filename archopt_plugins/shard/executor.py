@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..roles.types import ParamStructure
 from ..update.batching import Complete, RuleBatch, transform_complete
 from ..update.finite import first_nonfinite_index
-from ..update.kernel import ElementwiseKernel, Kernel, MatrixKernel, resolve_dtype
+from ..update.kernel import ElementwiseKernel, Kernel, MatrixBatch, MatrixKernel, Segment, resolve_dtype
 from ..update.matrix_view import matrix_shape
 from .discover import _is_dtensor, discover_layouts, local_tensor
 from .layout import Block, ParamLayout, Piece
@@ -82,7 +82,7 @@ class ShardedExecutor:
         self.layouts = discover_layouts([(i.fqn, i.tensor, i.shape) for i in infos], self.hints, self.group)
         units = []
         for info in infos:
-            if isinstance(info.kernel, MatrixKernel):
+            if isinstance(info.kernel, MatrixKernel) and info.kernel.needs != "elementwise":
                 b, m, n = matrix_shape(info.shape, info.structure)
                 self.costs[info.fqn] = info.kernel.cost(b, m, n)
                 units.append(Unit(info.fqn, self.costs[info.fqn], tuple(self.layouts[info.fqn].full_holders())))
@@ -144,10 +144,15 @@ class ShardedExecutor:
                                                           job.hp)
                 local_states[job.fqn] = state
                 jobs.append((batch, job))
-        if self.mode == "blockwise":
-            updates = self._blockwise(jobs, directions)
-        else:
-            updates = self._exact(jobs, directions, stats)
+        # A matrix kernel that declares needs="elementwise" (Scion's sign LMO) transforms each element
+        # alone and only reads fan_in in apply: it runs on the local piece, nothing is gathered.
+        on_piece = [(b, j) for b, j in jobs if b.kernel.needs == "elementwise"]
+        gathered = [(b, j) for b, j in jobs if b.kernel.needs != "elementwise"]
+        updates = self._on_piece(on_piece, directions)
+        if gathered and self.mode == "blockwise":
+            updates.update(self._blockwise(gathered, directions))
+        elif gathered:
+            updates.update(self._exact(gathered, directions, stats))
         for batch, job in jobs:
             _, fan_out, fan_in = matrix_shape(job.shape, job.structure)
             if job.fqn in updates:
@@ -178,6 +183,17 @@ class ShardedExecutor:
         self.last_transform_seconds = time.perf_counter() - start
         shapes = {fqn: directions[fqn].shape for fqn in fqns}
         return scatter_back(plan, self.layouts, results, shapes, dtype, self.group, stats)
+
+    @staticmethod
+    def _on_piece(jobs, directions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        updates = {}
+        for batch, job in jobs:
+            d = directions[job.fqn]
+            segment = Segment(job.fqn, 1, job.state, int(job.state["step"]))
+            # the transform is elementwise, so any shape of batch works: the piece as one flat "matrix"
+            flat = MatrixBatch(d.reshape(1, 1, -1), [segment])
+            updates[job.fqn] = batch.kernel.transform(flat, job.hp).reshape(d.shape)
+        return updates
 
     def _blockwise(self, jobs, directions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert self.layouts is not None

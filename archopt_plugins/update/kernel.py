@@ -120,6 +120,10 @@ class MatrixBatch:
 class MatrixKernel(Kernel):
     """A rule whose update needs complete matrices; ``reductions`` rules use it too (exact, gathered).
 
+    One that declares ``needs = "elementwise"`` promises a ``transform`` that maps each element alone
+    (any batch shape) and keeps no owner state: apply still gets the matrix's fan_out/fan_in, and
+    sharded executors run it on the local piece without gathering (Scion's sign LMO).
+
     ``owner_state`` holds whatever lives with the complete matrix ([count, ...]-shaped tensors the
     kernel creates lazily in ``transform``); the executor keeps it wherever ``transform`` runs —
     in the parameter's state in one process, on the owner rank when sharded.

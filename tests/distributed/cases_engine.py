@@ -281,3 +281,30 @@ def nonfinite_one_rank():
     skipped = torch.tensor([float(opt.skipped_steps)])
     dist.all_reduce(skipped, op=dist.ReduceOp.MIN)
     return {"unchanged_after_nan": unchanged, "moved_after_clean": moved, "skipped_min": float(skipped)}
+
+
+@case
+def scion_sign_on_pieces():
+    """Scion's sign LMO (output head) runs on each rank's piece: no owner, no bytes moved, still exact.
+
+    The same FSDP2 model steps twice: with the head on scion_sign, and with the head frozen out of
+    the optimizer; the gathered bytes must be equal (the head adds none). Parity with one process
+    is checked by the scion rows of the parity cases.
+    """
+    from cases_parity import _fsdp
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    received = {}
+    for label in ("with_head", "without_head"):
+        model = _fsdp(mesh)(tiny_llama(tied=False, layers=2, hidden=32, heads=4, kv_heads=2, vocab=64, seed=0))
+        params = [(n, p) for n, p in model.named_parameters() if label == "with_head" or n != "lm_head.weight"]
+        opt = build_optimizer(params, "scion")
+        if label == "with_head":
+            rule = opt.plan.entry("lm_head.weight").rule
+        ids = batches()[0]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        received[label] = opt.comm_stats[0].bytes_received
+        owners = opt.executor.owners
+    return {"head_rule": rule, "bytes_with_head": received["with_head"],
+            "bytes_without_head": received["without_head"], "head_has_owner": "lm_head.weight" in owners}

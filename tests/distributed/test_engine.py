@@ -77,3 +77,9 @@ def test_bad_inputs_raise_naming_the_parameter(world4):
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world4):
     res = result(world4, "nonfinite_one_rank")
     assert res == {"unchanged_after_nan": True, "moved_after_clean": True, "skipped_min": 1.0}
+
+
+def test_scion_sign_runs_on_local_pieces_without_gathering(world4):
+    res = result(world4, "scion_sign_on_pieces")
+    assert res["head_rule"] == "scion_sign"
+    assert res["bytes_with_head"] == res["bytes_without_head"] > 0
