@@ -13,7 +13,7 @@ checkpoint of another rule, parameter set or shape, naming the first mismatching
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -31,6 +31,22 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 _GROUP_META = ("params", "param_names", "rule", "initial_lr", "skipped_steps") + tuple(GLOBAL_HPARAMS)
+
+
+def refuse_retired_state(fqn: str, rule: str, keys: Iterable[str]) -> None:
+    """Raise, naming the key, when a checkpoint holds state that ``rule`` once kept with another meaning.
+
+    A kernel whose state layout changed lists the old keys in ``retired_state_keys`` (key → what
+    changed). Such a checkpoint would be refused without this too (an unknown key here; DCP missing
+    the new key), but with a message that blames the model or the hyperparameters, or names only
+    the new key.
+    """
+    # getattr: only kernels whose layout ever changed declare the attribute
+    retired: dict[str, str] = getattr(get_rule(rule).kernel, "retired_state_keys", {})
+    for key in keys:
+        if key in retired:
+            raise ValueError(f"parameter {fqn!r}: checkpoint state {key!r} is from an earlier state layout of "
+                             f"rule {rule!r} and cannot be resumed: {retired[key]}")
 
 
 def _groups_from_plan(plan: Plan, tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -225,7 +241,9 @@ class ArchOpt(torch.optim.Optimizer):
                 entry = self._entries[name]
                 mshape = matrix_shape(entry.shape, entry.structure) if len(entry.shape) >= 2 else None
                 expected = kernel.state_shapes(tuple(p.shape), mshape, hp)
-                for key, value in state_dict.get("state", {}).get(index, {}).items():
+                saved_state = state_dict.get("state", {}).get(index, {})
+                refuse_retired_state(name, group["rule"], saved_state)
+                for key, value in saved_state.items():
                     if key == "step" or not isinstance(value, torch.Tensor):
                         continue
                     wrong_shape = key in expected and tuple(value.shape) != expected[key]

@@ -28,10 +28,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import torch.distributed as dist
+
+from ..planner.rules import get_rule
+from .archopt import refuse_retired_state
 
 METADATA = "archopt.json"
 EXTRA = "extra.pt"
@@ -146,6 +149,18 @@ def check_compatible(meta: dict[str, Any], optimizer: Any) -> None:
                              f"runs {entry['rule']!r}; build the optimizer with the same name and overrides")
 
 
+def check_no_retired_state(saved_keys: Collection[str], optimizer: Any) -> None:
+    """Refuse state saved under a key its rule has retired (e.g. SOAP's unrotated "exp_avg"), naming it.
+
+    Before any tensor is read: DCP would otherwise fail on the *new* key, missing from the checkpoint.
+    Optimizer state is saved flattened as "optim.state.<fqn>.<key>".
+    """
+    for entry in optimizer.plan.entries:
+        prefix = f"optim.state.{entry.fqn}."
+        retired = getattr(get_rule(entry.rule).kernel, "retired_state_keys", {})
+        refuse_retired_state(entry.fqn, entry.rule, [key for key in retired if prefix + key in saved_keys])
+
+
 def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimizer: Any,
                     step: int | None = None) -> tuple[int, dict[str, Any] | None]:
     """Load model + optimizer (collective); returns (step, extra). Works at any world size or layout."""
@@ -158,6 +173,7 @@ def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimi
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT}")
     check_compatible(meta, optimizer)
+    check_no_retired_state(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata, optimizer)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])

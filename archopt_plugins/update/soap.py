@@ -55,6 +55,11 @@ class SoapKernel(BlockedPreconditionerKernel):
     transform_keys = ("betas", "eps", "precondition_frequency", "block_size", "one_sided_ratio", "root_dtype",
                       "compute_dtype")
 
+    # Checked when a checkpoint loads (optim.archopt.refuse_retired_state), to say why it is refused.
+    retired_state_keys: dict[str, str] = {
+        "exp_avg": f"SOAP now keeps its first moment in each block's eigenbasis as {MOMENT_KEY!r}; "
+                   "this checkpoint holds it in the original coordinates"}
+
     def owner_matrix_keys(self, hp: HParams) -> tuple[str, ...]:
         return (MOMENT_KEY, "exp_avg_sq")
 

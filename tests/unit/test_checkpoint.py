@@ -65,6 +65,31 @@ def test_mismatched_checkpoints_name_the_parameter(tmp_path):
         load_checkpoint(tmp_path / "empty", model, opt)
 
 
+
+def test_soap_checkpoint_of_the_unrotated_first_moment_is_refused_naming_the_key(tmp_path):
+    """SOAP's m once lived in the original coordinates under "exp_avg"; now it is "exp_avg_rotated".
+
+    Such a checkpoint must not load (its m would be read in the wrong coordinates), and both load
+    paths say which key and why rather than blaming the model or the hyperparameters.
+    """
+    import copy
+
+    model = tiny_llama()
+    opt = build_optimizer(model, "soap")
+    _train(model, opt, 0, 2)
+    for state in opt.state.values():  # what the earlier layout saved
+        if "exp_avg_rotated" in state:
+            state["exp_avg"] = state.pop("exp_avg_rotated")
+    why = (r"parameter 'model.layers.0.self_attn.q_proj.weight': checkpoint state 'exp_avg' is from an earlier "
+           r"state layout of rule 'soap' and cannot be resumed: SOAP now keeps its first moment in each block's "
+           r"eigenbasis as 'exp_avg_rotated'")
+    with pytest.raises(ValueError, match=why):
+        build_optimizer(tiny_llama(), "soap").load_state_dict(copy.deepcopy(opt.state_dict()))
+    save_checkpoint(tmp_path, model, opt, step=2)
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match=why):
+        load_checkpoint(tmp_path, fresh, build_optimizer(fresh, "soap"))
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
