@@ -108,11 +108,13 @@ def main() -> None:
     model_cfg = ModelConfig()
     corpus = load_stdlib_corpus(max_bytes=16_000_000)
     histories = {}
+    load = []  # 1-minute load averages after each run (the machine is shared)
     for label, (name, hp) in RUNS.items():
         if args.only and label != "adamw" and label not in args.only:
             continue
         model = build_llama(model_cfg, seed=cfg.seed)
         histories[label] = train(label, model, corpus, cfg, name, hp, progress=False)
+        load.append(os.getloadavg()[0])
         h = histories[label]
         print(f"{label:18s} val {h.val_loss[-1]:.4f}  wall {h.wall_seconds[-1]:.0f}s  "
               f"{'DIVERGED' if diverged(h) else 'ok'}", flush=True)
@@ -132,8 +134,8 @@ def main() -> None:
         "## Structured preconditioners: quality on the quickstart model",
         "",
         f"Command: `{command}` — {datetime.date.today().isoformat()}, {platform.machine()} with "
-        f"{os.cpu_count()} cores, shared with other developers' jobs (wall times are inflated and "
-        f"uneven); torch {torch.__version__}.",
+        f"{os.cpu_count()} cores, shared with other developers' jobs (1-minute load average "
+        f"{min(load):.1f}–{max(load):.1f} after the runs; wall times grow with it); torch {torch.__version__}.",
         "",
         f"Quickstart model ({model_cfg.hidden_size} hidden, {model_cfg.num_layers} layers) on stdlib bytes, "
         f"{cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} bytes, warmup {cfg.warmup_steps} + cosine to "
