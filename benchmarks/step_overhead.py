@@ -165,8 +165,9 @@ def render(rows: list[dict], info: dict, command: str) -> str:
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible, torch threads: {info['threads']}, "
         f"torch {torch.__version__}, Python {platform.python_version()}; "
-        f"**shared with other developers' jobs while it ran**, so absolute times are noisy; the ratios come "
-        f"from the same run with the configurations interleaved.  ",
+        f"shared with other developers' jobs (1-minute load average {os.getloadavg()[0]:.1f} at the end of "
+        f"the run), so absolute times can be noisy; the ratios come from the same run with the configurations "
+        f"interleaved.  ",
         f"Date: {datetime.date.today().isoformat()}.  ",
         f"Parameters: Llama-style, hidden 256, 8 layers, 8 heads / 4 KV heads, MLP 688, vocab 8192, untied: "
         f"{info['numel'] / 1e6:.2f}M ({info['muon_numel'] / 1e6:.2f}M in the 56 hidden matrices Muon runs on). "
