@@ -34,6 +34,7 @@ from ..update.finite import first_nonfinite_index
 from ..update.kernel import ElementwiseKernel, Kernel, MatrixBatch, MatrixKernel, Segment, resolve_dtype
 from ..update.matrix_view import matrix_shape
 from .discover import _is_dtensor, discover_layouts, local_tensor
+from .experts import expert_name, held_experts, join_experts, split_by_expert, take_expert
 from .layout import Block, ParamLayout, Piece
 from .owners import Unit, assign_owners, check_identical
 from .transport import CommPlan, CommStats, build_plan, gather, scatter_back
@@ -71,6 +72,7 @@ class ShardedExecutor:
         self.layouts: dict[str, ParamLayout] | None = None
         self.owners: dict[str, int] = {}
         self.costs: dict[str, float] = {}
+        self.splits: dict[str, list[ParamLayout]] = {}  # MoE weights with one owner per expert (experts.py)
         self._plans: dict[tuple[str, ...], CommPlan] = {}
         self.last_stats = CommStats()
         self.total_stats = CommStats()
@@ -84,10 +86,22 @@ class ShardedExecutor:
         for info in infos:
             if isinstance(info.kernel, MatrixKernel) and info.kernel.needs != "elementwise":
                 b, m, n = matrix_shape(info.shape, info.structure)
-                self.costs[info.fqn] = info.kernel.cost(b, m, n)
-                units.append(Unit(info.fqn, self.costs[info.fqn], tuple(self.layouts[info.fqn].full_holders())))
+                parts = split_by_expert(self.layouts[info.fqn]) if self._splittable(info, b) else None
+                if parts:
+                    self.splits[info.fqn] = parts
+                for layout in parts or [self.layouts[info.fqn]]:
+                    self.layouts[layout.fqn] = layout
+                    self.costs[layout.fqn] = info.kernel.cost(b // len(parts) if parts else b, m, n)
+                    units.append(Unit(layout.fqn, self.costs[layout.fqn], tuple(layout.full_holders())))
         self.owners = assign_owners(units, self.world)
         check_identical(self.owners, self.group)
+
+    def _splittable(self, info: ParamInfo, matrices: int) -> bool:
+        """A [E, ...] MoE weight whose rule lets each expert have its own owner (experts.py)."""
+        kernel = info.kernel
+        return (self.mode == "exact" and getattr(kernel, "splits_by_matrix", False)
+                and not kernel.transform_needs_param and info.structure.batch_dims == 1
+                and matrices == info.shape[0] > 1)
 
     def _plan_for(self, fqns: tuple[str, ...]) -> CommPlan:
         plan = self._plans.get(fqns)
@@ -162,11 +176,14 @@ class ShardedExecutor:
     def _exact(self, jobs, directions: dict[str, torch.Tensor], stats: CommStats) -> dict[str, torch.Tensor]:
         assert self.layouts is not None
         fqns = tuple(job.fqn for _, job in jobs)
-        plan = self._plan_for(fqns)
-        device = next(iter(directions.values())).device
+        real_shapes = {fqn: directions[fqn].shape for fqn in fqns}
+        units, parent, directions = self._units(fqns, directions)
+        plan = self._plan_for(units)
+        device = next(iter(directions.values())).device if directions else torch.device("cpu")
         dtype = resolve_dtype(self.comm_dtype, device)
         complete = gather(plan, self.layouts, directions, dtype, self.group, stats)
         by_fqn = {job.fqn: (batch, job) for batch, job in jobs}
+        by_fqn.update({unit: by_fqn[fqn] for unit, fqn in parent.items()})
         # Kernels that read W itself on the owner get the parameters gathered too (full precision).
         wanting = tuple(f for f in fqns if by_fqn[f][0].kernel.transform_needs_param)
         values = {}
@@ -181,8 +198,41 @@ class ShardedExecutor:
         start = time.perf_counter()
         results = dict(zip(plan.computes, transform_complete(items)))
         self.last_transform_seconds = time.perf_counter() - start
-        shapes = {fqn: directions[fqn].shape for fqn in fqns}
-        return scatter_back(plan, self.layouts, results, shapes, dtype, self.group, stats)
+        shapes = {fqn: d.shape for fqn, d in directions.items()}
+        updates = scatter_back(plan, self.layouts, results, shapes, dtype, self.group, stats)
+        return self._join(fqns, updates, {**shapes, **real_shapes})
+
+    def _units(self, fqns: tuple[str, ...], directions: dict[str, torch.Tensor]):
+        """The engine's units for ``fqns`` (a split MoE weight becomes its experts), which parameter
+        each expert unit belongs to, and the local directions keyed by unit."""
+        units, parent, local = [], {}, {}
+        for fqn in fqns:
+            if fqn not in self.splits:
+                units.append(fqn)
+                if fqn in directions:
+                    local[fqn] = directions[fqn]
+                continue
+            layout = self.layouts[fqn]
+            inner, piece = tuple(layout.shape[1:]), layout.pieces[self.rank]
+            for part in self.splits[fqn]:
+                units.append(part.fqn)
+                parent[part.fqn] = fqn
+            for e in held_experts(piece, layout.shape[0], inner):
+                local[expert_name(fqn, e)] = take_expert(directions[fqn], piece, e, inner)
+        return tuple(units), parent, local
+
+    def _join(self, fqns: tuple[str, ...], updates: dict[str, torch.Tensor],
+              shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """Per-parameter local updates, the experts of a split weight put back together."""
+        for fqn in fqns:
+            if fqn in self.splits:
+                layout = self.layouts[fqn]
+                piece = layout.pieces[self.rank]
+                held = held_experts(piece, layout.shape[0], tuple(layout.shape[1:]))
+                parts = [updates.pop(expert_name(fqn, e)) for e in held]
+                if parts:
+                    updates[fqn] = join_experts(parts, piece, shapes[fqn])
+        return updates
 
     @staticmethod
     def _on_piece(jobs, directions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

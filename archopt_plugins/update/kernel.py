@@ -134,6 +134,9 @@ class MatrixKernel(Kernel):
     # When True the executor also brings each parameter's complete value to ``transform``
     # (``MatrixBatch.params``); costs one more gather in sharded runs.
     transform_needs_param: bool = False
+    # True when ``transform`` treats every matrix of the batch alone and keeps no owner state, so a
+    # sharded executor may give each expert of a MoE weight its own owner (shard/experts.py).
+    splits_by_matrix: bool = False
 
     def cost(self, count: int, fan_out: int, fan_in: int) -> float:
         """Relative compute of ``transform`` on ``count`` matrices (owner load balancing).

@@ -49,6 +49,7 @@ def momentum_direction_(buf: torch.Tensor, grad: torch.Tensor, momentum: float, 
 class MuonKernel(MatrixKernel):
     transform_keys = ("ns_steps", "ns_coefficients", "compute_dtype")
     local_state_keys = ("momentum_buffer",)
+    splits_by_matrix = True  # Newton–Schulz per matrix, no owner state
 
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
         return {"momentum_buffer": zeros_state(param)}

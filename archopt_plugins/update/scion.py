@@ -50,6 +50,7 @@ class _ScionKernel(MatrixKernel):
     """Momentum (prepare) and the scaled, decayed step (apply) shared by every Scion LMO."""
 
     local_state_keys = ("momentum_buffer",)
+    splits_by_matrix = True  # every LMO acts on each matrix alone; no owner state
 
     def init_state(self, param: torch.Tensor, hp: HParams) -> dict[str, torch.Tensor]:
         return {"momentum_buffer": zeros_state(param)}

@@ -199,7 +199,7 @@ def bad_inputs():
     return messages
 
 
-def _injected_run(name: str, hp: dict, wrap, data_slice) -> dict:
+def _injected_run(name: str, hp: dict, wrap, data_slice, build=None) -> dict:
     """Sharded optimizer fed bitwise the reference's gradients (sliced to each rank's piece).
 
     The single-process reference runs in lockstep on every rank; its gradients are copied into the
@@ -211,7 +211,8 @@ def _injected_run(name: str, hp: dict, wrap, data_slice) -> dict:
 
     from archopt_plugins.optim.executor import LocalExecutor
 
-    ref_model, model = _llama(), wrap(_llama())
+    build = build or _llama
+    ref_model, model = build(), wrap(build())
     ref_opt = build_optimizer(ref_model, name, **hp)
     ref_opt.executor = LocalExecutor()
     opt = build_optimizer(model, name, **hp)
@@ -308,3 +309,29 @@ def scion_sign_on_pieces():
         owners = opt.executor.owners
     return {"head_rule": rule, "bytes_with_head": received["with_head"],
             "bytes_without_head": received["without_head"], "head_has_owner": "lm_head.weight" in owners}
+
+
+@case
+def moe_expert_owners():
+    """FSDP2 over 4 ranks of a 4-expert MoE: each expert is its own unit, owned by the rank holding it
+    (nothing moves for the experts), and with identical gradients the result is bitwise the
+    single-process one."""
+    from cases_parity import _fsdp
+
+    from tiny_models import tiny_mixtral
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def moe():
+        return tiny_mixtral(layers=1, experts=dist.get_world_size(), seed=0)
+
+    model = _fsdp(mesh)(moe())
+    opt = build_optimizer(model, "muon", **hparams("muon"))
+    ids = batches()[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    ex = opt.executor
+    experts = {fqn: [ex.owners[part.fqn] for part in parts] for fqn, parts in ex.splits.items()}
+    parity_muon = _injected_run("muon", hparams("muon"), _fsdp(mesh), None, build=moe)
+    parity_scion = _injected_run("scion", hparams("scion"), _fsdp(mesh), None, build=moe)
+    return {"expert_owners": experts, "parity_muon": parity_muon[0], "parity_scion": parity_scion[0]}

@@ -12,7 +12,7 @@ from launcher import launch
 
 WORLD2 = ["ddp_llama", "fsdp_llama", "fsdp_llama_optimizer_first", "ddp_moe", "ckpt_save_fsdp2"]
 WORLD4 = ["fsdp_llama", "hsdp_llama", "fsdp_tp_llama", "fsdp_moe", "flat_fragments", "tp_blocks_from_hints",
-          "injected_fsdp_tp", "blockwise_gap", "bad_inputs", "nonfinite_one_rank", "scion_sign_on_pieces", "ckpt_load_fsdp4", "ckpt_load_ddp4"]
+          "injected_fsdp_tp", "blockwise_gap", "bad_inputs", "nonfinite_one_rank", "scion_sign_on_pieces", "moe_expert_owners", "ckpt_load_fsdp4", "ckpt_load_ddp4"]
 # Megatron CPU smoke tests (cases_megatron.py): last in each launch, they patch megatron-core's CUDA calls
 # for their own duration only.
 WORLD2 += ["megatron_tp2"]

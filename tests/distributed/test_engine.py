@@ -83,3 +83,11 @@ def test_scion_sign_runs_on_local_pieces_without_gathering(world4):
     res = result(world4, "scion_sign_on_pieces")
     assert res["head_rule"] == "scion_sign"
     assert res["bytes_with_head"] == res["bytes_without_head"] > 0
+
+
+def test_each_expert_of_a_moe_weight_has_its_own_owner_and_stays_exact(world4):
+    res = result(world4, "moe_expert_owners")
+    assert res["expert_owners"], "no MoE weight was split per expert"
+    for fqn, owners in res["expert_owners"].items():
+        assert owners == [0, 1, 2, 3], (fqn, owners)  # Shard(0) puts expert e on rank e: it owns it
+    assert res["parity_muon"] == 0.0 and res["parity_scion"] == 0.0
