@@ -17,6 +17,7 @@ combinations that would otherwise run silently wrong (see ``check_stack``).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -208,10 +209,12 @@ def check_stack(args: Any) -> None:
     Precedence with DeepSpeed: the ds_config ``"optimizer"`` block and ``--optim archopt_*`` both
     choose the optimizer, and DeepSpeed would silently take its block and ignore ``--optim``; the
     conflict is an error, resolved by removing one of them. (A ds_config ``"scheduler"`` block is
-    unaffected.) Without an ``"optimizer"`` block archopt builds the optimizer, which under ZeRO
-    needs the DeepSpeed adapter to map flat partitions back to matrices; until it is installed
-    that is an error too. FSDP2 (transformers' default FSDP) is served by the sharding engine;
-    FSDP1's flat parameters are refused.
+    unaffected.) Without an ``"optimizer"`` block, :func:`route_to_deepspeed` writes the
+    ``"ArchOpt<Name>"`` block for ``--optim`` into the ds_config, so DeepSpeed builds archopt
+    through its adapter, which maps ZeRO's flat partitions back to matrices. A DeepSpeed config that
+    only accelerate's launcher holds (no ``--deepspeed``) cannot be edited here and is refused.
+    FSDP2 (transformers' default FSDP) is served by the sharding engine; FSDP1's flat parameters
+    are refused.
     """
     if not is_archopt(args.optim):
         return
@@ -223,13 +226,39 @@ def check_stack(args: Any) -> None:
             f"--optim {value} conflicts with the DeepSpeed config's \"optimizer\" block (type {kind!r}): "
             "DeepSpeed would build its own optimizer and silently ignore --optim. Remove the \"optimizer\" "
             f"block from the ds_config to train with {value}, or drop --optim {value} to keep DeepSpeed's")
-    if ds is not None or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+    if ds is None and _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ValueError(
-            f"--optim {value} with DeepSpeed is not supported yet through --optim: ZeRO would step the "
-            "Trainer's optimizer on flat partitions it cannot map back to matrices. Put the optimizer in the "
-            "ds_config instead, \"optimizer\": {\"type\": \"ArchOpt<Name>\", \"params\": {...}}, and call "
-            "archopt_plugins.integrations.deepspeed.enable() in the script (docs/deepspeed.md)")
+            f"--optim {value} with a DeepSpeed config held by accelerate's launcher: archopt cannot add its "
+            "optimizer to that config, and ZeRO would step the Trainer's optimizer on flat partitions it "
+            "cannot map back to matrices. Pass the ds_config with --deepspeed, or put the optimizer in it, "
+            "\"optimizer\": {\"type\": \"ArchOpt<Name>\", \"params\": {...}} (docs/deepspeed.md)")
     if _fsdp_version(args) == 1:
         raise ValueError(
             f"--optim {value} with FSDP1 (fsdp_config version 1) is not supported: FSDP1 hands the optimizer "
             "flat parameters whose matrix structure is lost. Use FSDP2 (fsdp_config version 2, the default)")
+
+
+def _json_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def route_to_deepspeed(args: Any) -> None:
+    """``--optim archopt_<name>`` with ``--deepspeed`` and no ``"optimizer"`` block: add the block.
+
+    ``args.deepspeed`` becomes a copy of the ds_config with ``"optimizer": {"type":
+    "ArchOpt<Name>", "params": <the hyperparameters --optim, --learning_rate, --weight_decay and
+    --optim_args give>}`` and the DeepSpeed adapter is enabled, so DeepSpeed builds archopt's
+    optimizer itself (exact under ZeRO) and the Trainer's LR scheduler drives it. Call after
+    :func:`check_stack`; a no-op for other settings.
+    """
+    if not is_archopt(args.optim):
+        return
+    ds = deepspeed_config(getattr(args, "deepspeed", None))
+    if ds is None or "optimizer" in ds:
+        return
+    import archopt_plugins.integrations.deepspeed as archopt_ds
+
+    name, hp = hparams_from_args(args)
+    block = {"type": archopt_ds.type_name(name), "params": {k: _json_value(v) for k, v in hp.items()}}
+    archopt_ds.enable()
+    args.deepspeed = {**copy.deepcopy(ds), "optimizer": block}

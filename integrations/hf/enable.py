@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from .arguments import (PREFIX, archopt_name, canonical_optim_args, check_stack, hf_optimizer_names,
-                        hparams_from_args, is_archopt)
+                        hparams_from_args, is_archopt, route_to_deepspeed)
 
 # The range enable() was written and tested against (5.23.0). Below it the private names differ
 # (the handler registry arrived during 5.x); a new major version may change them again.
@@ -101,6 +101,7 @@ def _checked_post_init(original: Any) -> Any:
             archopt_name(self.optim)  # unknown names list the valid ones
             check_stack(self)  # before the Trainer sets up DeepSpeed/FSDP for this config
             hparams_from_args(self)  # --optim_args typos fail now, not after the model loads
+            route_to_deepspeed(self)  # with --deepspeed: the ds_config gets the ArchOpt<Name> block
             self.optim_args = canonical_optim_args(self.optim_args)  # readable by the Trainer's splitter
         original(self)
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from .arguments import archopt_name, check_stack, hf_optimizer_names, hparams_from_args, is_archopt
+from .arguments import (archopt_name, check_stack, hf_optimizer_names, hparams_from_args, is_archopt,
+                        route_to_deepspeed)
 from .optimizer import build_for_trainer
 
 _PLACEHOLDER = "adamw_torch"  # what the stock __post_init__ sees while an archopt name is set
@@ -45,6 +46,7 @@ class ArchOptTrainingArguments(TrainingArguments):
         archopt_name(value)
         check_stack(self)
         hparams_from_args(self)
+        route_to_deepspeed(self)
         # The stock __post_init__ converts optim into the closed OptimizerNames enum; let it check
         # a stock name and keep the archopt one as a plain string afterwards.
         self.optim = _PLACEHOLDER

@@ -255,6 +255,22 @@ def refusals():
 @case
 def hf_trainer():
     """The HF Trainer with deepspeed=<ds_config with an ArchOptMuon entry>, ZeRO-2: the single-process run."""
+    return _hf_trainer_run(optim_flag=False)
+
+
+@case
+def hf_trainer_optim_flag():
+    """The same through --optim archopt_muon and a ds_config without an "optimizer" block."""
+    from archopt_plugins.integrations.hf import disable, enable
+
+    enable()
+    try:
+        return _hf_trainer_run(optim_flag=True)
+    finally:
+        disable()
+
+
+def _hf_trainer_run(optim_flag: bool) -> dict | None:
     from transformers import Trainer, TrainingArguments
 
     name = "muon"
@@ -275,11 +291,15 @@ def hf_trainer():
     ref = reference(llama, name, hparams(name, lr=0.02)) if dist.get_rank() == 0 else None
     config = ds_config(name, {**hparams(name), "lr": "auto"}, 2)
     config["train_micro_batch_size_per_gpu"] = "auto"
+    flag = {}
+    if optim_flag:  # the optimizer comes from --optim / --optim_args instead of the ds_config
+        del config["optimizer"]
+        flag = {"optim": "archopt_muon", "optim_args": ",".join(f"{k}={v}" for k, v in hparams(name).items())}
     with tempfile.TemporaryDirectory() as out_dir:
         args = TrainingArguments(out_dir, deepspeed=copy.deepcopy(config), per_device_train_batch_size=2,
                                  learning_rate=0.02, max_steps=len(data), lr_scheduler_type="constant",
                                  logging_steps=5, report_to="none", save_strategy="no", disable_tqdm=True,
-                                 use_cpu=True, weight_decay=0.0, max_grad_norm=0.0)
+                                 use_cpu=True, weight_decay=0.0, max_grad_norm=0.0, **flag)
         trainer = InOrder(model=llama(), args=args, train_dataset=Rows())
         trainer.train()
         engine = trainer.model_wrapped

@@ -29,7 +29,7 @@ from test_engine import END_TO_END_BARS, PARITY_BAR  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-WORLD2 = ["parity_fp32", "zero_init", "bf16", "checkpoint_resume", "refusals", "hf_trainer"]
+WORLD2 = ["parity_fp32", "zero_init", "bf16", "checkpoint_resume", "refusals", "hf_trainer", "hf_trainer_optim_flag"]
 WORLD1 = ["resharded_load"]
 
 
@@ -132,7 +132,8 @@ def test_refusals_name_the_setting_and_the_fix(world2):
     assert "Put the optimizer in the ds_config" in msgs["client"]
 
 
-def test_hf_trainer_with_deepspeed_config_entry(world2):
-    res = result(world2, "hf_trainer")
+@pytest.mark.parametrize("case", ["hf_trainer", "hf_trainer_optim_flag"])
+def test_hf_trainer_with_deepspeed_config_entry_or_optim_flag(world2, case):
+    res = result(world2, case)
     assert res["optimizer"] == "DeepSpeedArchOpt" and res["wrapper"] == "DeepSpeedZeroOptimizer"
     assert res["parity"] <= PARITY_BAR, res

@@ -149,7 +149,7 @@ DS_WITH_OPTIMIZER = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
 
 
 @pytest.mark.parametrize("route", ["enable", "subclass"])
-def test_ds_config_optimizer_block_and_archopt_optim_conflict_loudly(tmp_path, route):
+def test_ds_config_optimizer_block_conflicts_and_a_missing_block_is_written(tmp_path, route):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(DS_WITH_OPTIMIZER))
     if route == "enable":
@@ -162,9 +162,14 @@ def test_ds_config_optimizer_block_and_archopt_optim_conflict_loudly(tmp_path, r
             with pytest.raises(ValueError, match=r"--optim archopt_muon conflicts with the DeepSpeed config's "
                                                  r"\"optimizer\" block \(type 'AdamW'\).*silently ignore --optim"):
                 make(output_dir=str(tmp_path), optim="archopt_muon", deepspeed=ds, report_to="none")
+        # without an "optimizer" block, --optim writes the ArchOpt<Name> block DeepSpeed builds
         no_block = {k: v for k, v in DS_WITH_OPTIMIZER.items() if k != "optimizer"}
-        with pytest.raises(ValueError, match=r"with DeepSpeed is not supported yet"):
-            make(output_dir=str(tmp_path), optim="archopt_muon", deepspeed=no_block, report_to="none")
+        routed = make(output_dir=str(tmp_path), optim="archopt_muon", deepspeed=dict(no_block), report_to="none",
+                      learning_rate=0.02, optim_args="ns_steps=4", use_cpu=True)
+        block = routed.hf_deepspeed_config.config["optimizer"]
+        assert block["type"] == "ArchOptMuon"
+        assert block["params"]["lr"] == 0.02 and str(block["params"]["ns_steps"]) == "4"  # as --optim_args gave it
+        assert "optimizer" not in no_block  # the caller's dict is left as it was
         with pytest.raises(ValueError, match=r"with FSDP1 \(fsdp_config version 1\) is not supported"):
             make(output_dir=str(tmp_path), optim="archopt_muon", fsdp=True, fsdp_config={"version": 1},
                  report_to="none")
