@@ -177,9 +177,9 @@ class ShardedExecutor:
         assert self.layouts is not None
         fqns = tuple(job.fqn for _, job in jobs)
         real_shapes = {fqn: directions[fqn].shape for fqn in fqns}
+        device = directions[fqns[0]].device  # every parameter has a (possibly empty) local direction
         units, parent, directions = self._units(fqns, directions)
         plan = self._plan_for(units)
-        device = next(iter(directions.values())).device if directions else torch.device("cpu")
         dtype = resolve_dtype(self.comm_dtype, device)
         complete = gather(plan, self.layouts, directions, dtype, self.group, stats)
         by_fqn = {job.fqn: (batch, job) for batch, job in jobs}
