@@ -71,6 +71,8 @@ class ArchOptTrainer(Trainer):
         if archopt_overrides and not is_archopt(self.args.optim):
             raise ValueError(f"archopt_overrides given but optim is {self.args.optim!r}, not an archopt name "
                              f"({hf_optimizer_names()})")
+        if archopt_overrides:
+            _overrides_into_deepspeed(self.args, archopt_overrides)
         if geometry_every is not None:
             from .callback import GeometryCallback
 
@@ -84,3 +86,17 @@ class ArchOptTrainer(Trainer):
         self.optimizer = build_for_trainer(model, self.args, decay_names=self.get_decay_parameter_names,
                                            overrides=self.archopt_overrides, log_plan=self.is_world_process_zero())
         return self.optimizer
+
+
+def _overrides_into_deepspeed(args: Any, overrides: dict[str, dict[str, Any]]) -> None:
+    """Under DeepSpeed, DeepSpeed builds the optimizer from the ds_config block, not ``create_optimizer``:
+    the overrides go into that block's params, or the run would silently go without them."""
+    ds = getattr(args, "hf_deepspeed_config", None)
+    block = ds.config.get("optimizer") if ds is not None else None
+    if not isinstance(block, dict):
+        return
+    params = block.setdefault("params", {})
+    if params.get("overrides") not in (None, overrides):
+        raise ValueError("archopt_overrides given and the ds_config optimizer block has different 'overrides'; "
+                         "keep one of them")
+    params["overrides"] = overrides

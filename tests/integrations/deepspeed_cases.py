@@ -309,3 +309,36 @@ def _hf_trainer_run(optim_flag: bool) -> dict | None:
         return None
     worst, where = parity(ref, got)
     return {"parity": worst, "worst": where, "optimizer": optimizer, "wrapper": type(engine.optimizer).__name__}
+
+
+@case
+def hf_trainer_overrides():
+    """ArchOptTrainer(archopt_overrides=...) under --deepspeed: the overrides reach the optimizer
+    DeepSpeed builds (an embedding at lr 0 stays put while the matrices move)."""
+    from archopt_plugins.integrations.hf import ArchOptTrainer, ArchOptTrainingArguments
+
+    rows = torch.cat(batches())
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return rows.shape[0]
+
+        def __getitem__(self, i):
+            return {"input_ids": rows[i], "labels": rows[i]}
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    model = llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = ArchOptTrainingArguments(out_dir, deepspeed=config, optim="archopt_muon", learning_rate=0.02,
+                                        optim_args="compute_dtype=float32", per_device_train_batch_size=2,
+                                        max_steps=3, report_to="none", save_strategy="no", disable_tqdm=True,
+                                        use_cpu=True, max_grad_norm=0.0)
+        trainer = ArchOptTrainer(model=model, args=args, train_dataset=Rows(),
+                                 archopt_overrides={"embedding": {"lr": 0.0}})
+        trainer.train()
+        got = full_params(trainer.model_wrapped)
+    moved = {n: bool((got[n] - before[n]).abs().max() > 0) for n in got}
+    return {"embedding_moved": moved["model.embed_tokens.weight"],
+            "q_moved": moved["model.layers.0.self_attn.q_proj.weight"]}

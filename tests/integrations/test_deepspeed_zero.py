@@ -29,7 +29,8 @@ from test_engine import END_TO_END_BARS, PARITY_BAR  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-WORLD2 = ["parity_fp32", "zero_init", "bf16", "checkpoint_resume", "refusals", "hf_trainer", "hf_trainer_optim_flag"]
+WORLD2 = ["parity_fp32", "zero_init", "bf16", "checkpoint_resume", "refusals", "hf_trainer", "hf_trainer_optim_flag",
+          "hf_trainer_overrides"]
 WORLD1 = ["resharded_load"]
 
 
@@ -137,3 +138,7 @@ def test_hf_trainer_with_deepspeed_config_entry_or_optim_flag(world2, case):
     res = result(world2, case)
     assert res["optimizer"] == "DeepSpeedArchOpt" and res["wrapper"] == "DeepSpeedZeroOptimizer"
     assert res["parity"] <= PARITY_BAR, res
+
+
+def test_archopt_trainer_overrides_reach_the_deepspeed_optimizer(world2):
+    assert result(world2, "hf_trainer_overrides") == {"embedding_moved": False, "q_moved": True}
