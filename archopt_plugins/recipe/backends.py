@@ -37,16 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .distributed import DistContext
 from .errors import Issue
 from .schema import Recipe
-
-
-def is_main_rank() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class Engine:
@@ -56,7 +51,8 @@ class Engine:
     # evaluation must then run the same number of forwards on every rank or the ranks deadlock.
     collective_forward = False
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext | None = None) -> None:
+        self.ctx = ctx or DistContext()  # rank and barrier for checkpoints (one process by default)
         self.module = model  # the unwrapped model: evaluation, checkpoints, final parameters
         self.model = model  # what forward runs through (a wrapper in distributed engines)
         self.optimizer = optimizer
@@ -97,7 +93,7 @@ class Engine:
 
     def save_checkpoint(self, folder: Path, step: int, extra: dict[str, Any], keep: int) -> None:
         """Save model + optimizer with ``extra`` (the runner's step, timers and record) as step ``step``."""
-        if not is_main_rank():
+        if not self.ctx.is_main:
             return
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{step:08d}.pt"
@@ -125,7 +121,7 @@ class DDPEngine(Engine):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        super().__init__(model, optimizer)
+        super().__init__(model, optimizer, ctx)
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         self.model = DistributedDataParallel(model, device_ids=ids)
 
@@ -142,12 +138,12 @@ def _build_optimizer(model: nn.Module, name: str, hparams: dict[str, Any]) -> to
 
 
 def _single_engine(model: nn.Module, name: str, hparams: dict[str, Any], recipe: Recipe, ctx: DistContext) -> Engine:
-    return Engine(model, _build_optimizer(model, name, hparams))
+    return Engine(model, _build_optimizer(model, name, hparams), ctx)
 
 
 def _ddp_engine(model: nn.Module, name: str, hparams: dict[str, Any], recipe: Recipe, ctx: DistContext) -> Engine:
     optimizer = _build_optimizer(model, name, hparams)
-    return DDPEngine(model, optimizer, ctx) if ctx.distributed else Engine(model, optimizer)
+    return DDPEngine(model, optimizer, ctx) if ctx.distributed else Engine(model, optimizer, ctx)
 
 
 def _fsdp2_engine(model: nn.Module, name: str, hparams: dict[str, Any], recipe: Recipe, ctx: DistContext) -> Engine:
@@ -181,10 +177,6 @@ def _check_sharded(r: Recipe) -> list[Issue]:
                       f"(nproc_per_node {r.launch.nproc_per_node} × nodes {r.launch.nodes})",
                       "set launch.nproc_per_node to 2 or more, or use backend.kind: single", r.backend.kind)]
     return []
-
-
-def _check_fsdp2(r: Recipe) -> list[Issue]:
-    return _check_sharded(r)
 
 
 def _check_deepspeed(r: Recipe) -> list[Issue]:
@@ -275,7 +267,7 @@ for _b in (
     Backend("single", "one process", _single_engine, check=_check_single),
     Backend("ddp", "torch DistributedDataParallel (replicated optimizer), gloo on CPU / NCCL on CUDA", _ddp_engine),
     Backend("fsdp2", "FSDP2 fully_shard with archopt's exact sharded matrix updates", _fsdp2_engine,
-            check=_check_fsdp2),
+            check=_check_sharded),
     Backend("hsdp", "FSDP2 sharded within groups of backend.shard_degree, replicated across them", _fsdp2_engine,
             check=_check_hsdp, owns_keys=("shard_degree",)),
     Backend("deepspeed", "DeepSpeed ZeRO stage backend.zero_stage with an ArchOpt<Name> ds_config optimizer",

@@ -29,22 +29,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .backends import Engine, _build_optimizer, is_main_rank
+from .backends import Engine, _build_optimizer
 from .distributed import DistContext
 from .schema import Recipe
 
 
-def _prune(folder: Path, keep: int) -> None:
+def _prune(folder: Path, keep: int, ctx: DistContext) -> None:
     """Main rank: drop all but the newest ``keep`` ``step_*`` folders (names sort by step)."""
-    if not is_main_rank():
+    if not ctx.is_main:
         return
     for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # -- FSDP2 / HSDP ---------------------------------------------------------------------------------------
@@ -66,7 +61,8 @@ class FSDP2Engine(Engine):
 
     collective_forward = True  # every forward all-gathers each block's parameters
 
-    def __init__(self, model: nn.Module, optimizer_name: str, hparams: dict[str, Any], mesh: Any) -> None:
+    def __init__(self, model: nn.Module, optimizer_name: str, hparams: dict[str, Any], mesh: Any,
+                 ctx: DistContext) -> None:
         from torch.distributed.fsdp import fully_shard
 
         for block in decoder_blocks(model):
@@ -74,7 +70,7 @@ class FSDP2Engine(Engine):
         fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, (tied) head
         # Built on the sharded model: the plan reads FQNs and shapes from the DTensors and the
         # sharding engine takes the layout from their placements.
-        super().__init__(model, _build_optimizer(model, optimizer_name, hparams))
+        super().__init__(model, _build_optimizer(model, optimizer_name, hparams), ctx)
 
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
@@ -102,8 +98,8 @@ class FSDP2Engine(Engine):
         from ..optim.checkpoint import save_checkpoint
 
         save_checkpoint(folder, self.module, self.optimizer, step=step, extra=extra)
-        _prune(folder, keep)
-        _barrier()
+        _prune(folder, keep, self.ctx)
+        self.ctx.barrier()
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         from ..optim.checkpoint import load_checkpoint
@@ -125,7 +121,7 @@ def make_fsdp2_engine(model: nn.Module, optimizer_name: str, hparams: dict[str, 
                                 mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    return FSDP2Engine(model, optimizer_name, hparams, mesh)
+    return FSDP2Engine(model, optimizer_name, hparams, mesh, ctx)
 
 
 # -- DeepSpeed -----------------------------------------------------------------------------------------
@@ -164,7 +160,8 @@ def ds_config(recipe: Recipe, optimizer_name: str, hparams: dict[str, Any]) -> d
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine: forward, backward and step are DeepSpeed's, the optimizer archopt's adapter."""
 
-    def __init__(self, ds_engine: Any, zero_stage: int) -> None:
+    def __init__(self, ds_engine: Any, zero_stage: int, ctx: DistContext) -> None:
+        self.ctx = ctx
         self.ds = ds_engine
         self.module = ds_engine.module
         self.model = ds_engine
@@ -176,8 +173,8 @@ class DeepSpeedEngine(Engine):
     def forward_loss(self, batch: torch.Tensor) -> torch.Tensor:
         return self.ds(input_ids=batch, labels=batch).loss
 
-    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.ds(input_ids=batch, labels=batch).loss
+    # evaluation runs through the engine too: under ZeRO-3 its forward gathers the parameters
+    eval_loss = forward_loss
 
     def backward(self, loss: torch.Tensor) -> None:
         # The runner already divided the loss by the accumulation steps; DeepSpeed would again.
@@ -212,9 +209,9 @@ class DeepSpeedEngine(Engine):
 
     def save_checkpoint(self, folder: Path, step: int, extra: dict[str, Any], keep: int) -> None:
         self.ds.save_checkpoint(str(folder), tag=f"step_{step:08d}", client_state={"archopt_runner": extra})
-        _barrier()  # every rank's files are written before any old tag goes
-        _prune(folder, keep)
-        _barrier()
+        self.ctx.barrier()  # every rank's files are written before any old tag goes
+        _prune(folder, keep, self.ctx)
+        self.ctx.barrier()
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         loaded, client = self.ds.load_checkpoint(str(path.parent), tag=path.name)
@@ -239,4 +236,4 @@ def make_deepspeed_engine(model: nn.Module, optimizer_name: str, hparams: dict[s
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     config = ds_config(recipe, optimizer_name, hparams)
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
-    return DeepSpeedEngine(engine, int(recipe.backend.zero_stage or 0))
+    return DeepSpeedEngine(engine, int(recipe.backend.zero_stage or 0), ctx)
