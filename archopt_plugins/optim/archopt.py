@@ -41,8 +41,7 @@ def refuse_retired_state(fqn: str, rule: str, keys: Iterable[str]) -> None:
     the new key), but with a message that blames the model or the hyperparameters, or names only
     the new key.
     """
-    # getattr: only kernels whose layout ever changed declare the attribute
-    retired: dict[str, str] = getattr(get_rule(rule).kernel, "retired_state_keys", {})
+    retired = get_rule(rule).kernel.retired_state_keys
     for key in keys:
         if key in retired:
             raise ValueError(f"parameter {fqn!r}: checkpoint state {key!r} is from an earlier state layout of "

@@ -157,7 +157,7 @@ def check_no_retired_state(saved_keys: Collection[str], optimizer: Any) -> None:
     """
     for entry in optimizer.plan.entries:
         prefix = f"optim.state.{entry.fqn}."
-        retired = getattr(get_rule(entry.rule).kernel, "retired_state_keys", {})
+        retired = get_rule(entry.rule).kernel.retired_state_keys
         refuse_retired_state(entry.fqn, entry.rule, [key for key in retired if prefix + key in saved_keys])
 
 

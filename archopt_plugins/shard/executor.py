@@ -87,11 +87,11 @@ class ShardedExecutor:
             if isinstance(info.kernel, MatrixKernel) and info.kernel.needs != "elementwise":
                 b, m, n = matrix_shape(info.shape, info.structure)
                 parts = split_by_expert(self.layouts[info.fqn]) if self._splittable(info, b) else None
-                if parts:
+                if parts:  # one unit per expert, each with its own layout
                     self.splits[info.fqn] = parts
+                    self.layouts.update({part.fqn: part for part in parts})
                 for layout in parts or [self.layouts[info.fqn]]:
-                    self.layouts[layout.fqn] = layout
-                    self.costs[layout.fqn] = info.kernel.cost(b // len(parts) if parts else b, m, n)
+                    self.costs[layout.fqn] = info.kernel.cost(1 if parts else b, m, n)
                     units.append(Unit(layout.fqn, self.costs[layout.fqn], tuple(layout.full_holders())))
         self.owners = assign_owners(units, self.world)
         check_identical(self.owners, self.group)
@@ -99,7 +99,7 @@ class ShardedExecutor:
     def _splittable(self, info: ParamInfo, matrices: int) -> bool:
         """A [E, ...] MoE weight whose rule lets each expert have its own owner (experts.py)."""
         kernel = info.kernel
-        return (self.mode == "exact" and getattr(kernel, "splits_by_matrix", False)
+        return (self.mode == "exact" and kernel.splits_by_matrix
                 and not kernel.transform_needs_param and info.structure.batch_dims == 1
                 and matrices == info.shape[0] > 1)
 

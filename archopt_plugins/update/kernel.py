@@ -18,7 +18,9 @@ is passed in. Hyperparameters arrive already validated (``planner.rules``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -69,6 +71,9 @@ class Kernel(ABC):
     # True when ``state_shapes`` lists every key the kernel keeps, so a checkpoint key it does not
     # list (e.g. factors saved with another block_size) is refused when the checkpoint loads.
     state_shapes_complete: bool = False
+    # State keys an earlier version of the rule kept with another meaning (key → what changed), so
+    # that loading such a checkpoint is refused saying why (optim.archopt.refuse_retired_state).
+    retired_state_keys: Mapping[str, str] = MappingProxyType({})
 
     def state_shapes(self, shape: tuple[int, ...], matrix_shape: tuple[int, int, int] | None,
                      hp: HParams) -> dict[str, tuple[int, ...]]:
