@@ -62,6 +62,20 @@ def test_shampoo_fp32_matches_fp64_reference(name, case, shape):
     assert _rel(W.detach() - W0, ref_W - W0.double()) < 1e-4  # the movement itself, not just W
 
 
+def _soap_vs_reference(shape, hp, init_seed, steps, grad_seed, **extra):
+    """Run archopt's SOAP and ``soap_reference_step`` on the same gradients; returns
+    (optimizer, parameter, its start W0, the reference's W, the reference's state)."""
+    W0 = torch.randn(*shape, generator=torch.Generator().manual_seed(init_seed))
+    W = torch.nn.Parameter(W0.clone())
+    opt = build_optimizer([W], "soap", **extra, **hp)
+    ref_W, ref_state = W0.double(), {}
+    for step, g in enumerate(_grads(shape, steps, seed=grad_seed), start=1):
+        W.grad = g.clone()
+        opt.step()
+        ref_W = soap_reference_step(ref_W, g, ref_state, step, **hp)
+    return opt, W, W0, ref_W, ref_state
+
+
 @pytest.mark.parametrize("shape,block_size", [((16, 16), 16), ((32, 32), 16), ((12, 12), 64)])
 def test_soap_fp32_matches_fp64_reference(shape, block_size):
     """Square blocks: their statistics have distinct eigenvalues, so fp32 and fp64 bases agree.
@@ -71,14 +85,7 @@ def test_soap_fp32_matches_fp64_reference(shape, block_size):
     """
     hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=2,
               block_size=block_size, one_sided_ratio=8.0)
-    W0 = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-    W = torch.nn.Parameter(W0.clone())
-    opt = build_optimizer([W], "soap", compute_dtype="float32", **hp)
-    ref_W, ref_state = W0.double(), {}
-    for step, g in enumerate(_grads(shape, 7, seed=5), start=1):
-        W.grad = g.clone()
-        opt.step()
-        ref_W = soap_reference_step(ref_W, g, ref_state, step, **hp)
+    _, W, W0, ref_W, _ = _soap_vs_reference(shape, hp, 3, 7, 5, compute_dtype="float32")
     assert _rel(W.detach() - W0, ref_W - W0.double()) < 1e-4
 
 
@@ -94,14 +101,7 @@ def test_soap_rotated_first_moment_follows_several_refreshes_of_a_blocked_matrix
     grid = BlockGrid(*shape, 16, "two_sided", 1.5)
     assert [(cl.key, cl.left, cl.right) for cl in grid.classes] == [
         ("16x16", True, True), ("16x4", False, True), ("8x16", True, False), ("8x4", False, True)]
-    W0 = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
-    W = torch.nn.Parameter(W0.clone())
-    opt = build_optimizer([W], "soap", compute_dtype="float32", **hp)
-    ref_W, ref_state = W0.double(), {}
-    for step, g in enumerate(_grads(shape, 8, seed=9), start=1):
-        W.grad = g.clone()
-        opt.step()
-        ref_W = soap_reference_step(ref_W, g, ref_state, step, **hp)
+    opt, W, W0, ref_W, ref_state = _soap_vs_reference(shape, hp, 6, 8, 9, compute_dtype="float32")
     assert _rel(W.detach() - W0, ref_W - W0.double()) < 1e-4
     # Rotated back with our own bases, our m is the reference's m in the original coordinates.
     state = opt.state[W]
@@ -115,6 +115,7 @@ def test_soap_rotated_first_moment_follows_several_refreshes_of_a_blocked_matrix
         back.append(mom)
     assert _rel(grid.merge(back)[0], ref_state["exp_avg"]) < 1e-5
 
+
 def test_soap_unbalanced_blocks_rotate_the_shorter_side_only():
     W = torch.nn.Parameter(torch.randn(4, 64))
     opt = build_optimizer([W], "soap", block_size=64)
@@ -124,14 +125,7 @@ def test_soap_unbalanced_blocks_rotate_the_shorter_side_only():
     assert {"L.4x64", "QL.4x64"} <= keys and not any(k.startswith(("R.", "QR.")) for k in keys)
     hp = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=2,
               block_size=64, one_sided_ratio=8.0)
-    W0 = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
-    W2 = torch.nn.Parameter(W0.clone())
-    opt2 = build_optimizer([W2], "soap", **hp)
-    ref_W, ref_state = W0.double(), {}
-    for step, g in enumerate(_grads((4, 64), 4, seed=1), start=1):
-        W2.grad = g.clone()
-        opt2.step()
-        ref_W = soap_reference_step(ref_W, g, ref_state, step, **hp)
+    _, W2, W0, ref_W, _ = _soap_vs_reference((4, 64), hp, 4, 4, 1)
     assert _rel(W2.detach() - W0, ref_W - W0.double()) < 1e-4
 
 
