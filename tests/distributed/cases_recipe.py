@@ -148,15 +148,19 @@ def _compare(histories: dict, params: dict[str, torch.Tensor], labels: list[str]
             "eval_steps": histories[labels[0]].eval_steps}
 
 
-@case
-def recipe_fsdp2():
-    recipe = _recipe(**{"backend.kind": "fsdp2", "checkpoint.keep_last": 1})
-    histories, params = _run(recipe, shared_dir() / "recipe_fsdp2", only=[MAIN])
+def _parity_and_resume(recipe, folder: str) -> dict[str, Any]:
+    """The main run against the reference, then an interrupted run resumed: equal to the straight one."""
+    histories, params = _run(recipe, shared_dir() / folder, only=[MAIN])
     result = _compare(histories, params, [MAIN])
-    resumed, again, stopped = _resumed(recipe, shared_dir() / "recipe_fsdp2_resumed")
+    resumed, again, stopped = _resumed(recipe, shared_dir() / f"{folder}_resumed")
     return {**result, "stopped": stopped, "resume_mismatch": _exact(params, again),
             "resume_same_losses": resumed[MAIN].train_loss == histories[MAIN].train_loss,
-            "checkpoints": _checkpoints(shared_dir() / "recipe_fsdp2_resumed")}
+            "checkpoints": _checkpoints(shared_dir() / f"{folder}_resumed")}
+
+
+@case
+def recipe_fsdp2():
+    return _parity_and_resume(_recipe(**{"backend.kind": "fsdp2", "checkpoint.keep_last": 1}), "recipe_fsdp2")
 
 
 @case
@@ -177,9 +181,4 @@ def recipe_deepspeed_zero2():
 @case
 def recipe_deepspeed_zero3():
     recipe = _recipe(**{"backend.kind": "deepspeed", "backend.zero_stage": 3, "checkpoint.keep_last": 1})
-    histories, params = _run(recipe, shared_dir() / "recipe_ds3", only=[MAIN])
-    result = _compare(histories, params, [MAIN])
-    resumed, again, stopped = _resumed(recipe, shared_dir() / "recipe_ds3_resumed")
-    return {**result, "stopped": stopped, "resume_mismatch": _exact(params, again),
-            "resume_same_losses": resumed[MAIN].train_loss == histories[MAIN].train_loss,
-            "checkpoints": _checkpoints(shared_dir() / "recipe_ds3_resumed")}
+    return _parity_and_resume(recipe, "recipe_ds3")
